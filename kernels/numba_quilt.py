@@ -1,0 +1,114 @@
+"""Numba CPU kernels for unstitch and stitch, written once for 3 spatial axes.
+
+2-D data is passed with a singleton Z axis (window 1, one start at 0), so one kernel serves
+both. Arrays arrive as numpy views of torch tensors; the caller allocates every output.
+
+Shapes (all int64 start tables hold clamped patch starts, spec §2.1):
+    image    (N, C, Z, Y, X)
+    patches  (N, P, C, WZ, WY, WX) with P = len(starts_z) * len(starts_y) * len(starts_x)
+    weight   (WZ, WY, WX)
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+__all__ = [
+    "_unstitch_numba",
+    "_unstitch_weighted_numba",
+    "_stitch_numba",
+]
+
+_OPTS = dict(parallel=True, nogil=True, cache=True, fastmath=False, error_model="numpy")
+
+
+@numba.njit(**_OPTS)
+def _unstitch_numba(image, starts_z, starts_y, starts_x, out):
+    """Copy every patch of every image into ``out`` (cast to ``out``'s dtype).
+
+    One parallel iteration handles one (n, patch, channel) block.
+    """
+    n_img, n_ch = image.shape[0], image.shape[1]
+    wz, wy, wx = out.shape[3], out.shape[4], out.shape[5]
+    nz, ny, nx = starts_z.shape[0], starts_y.shape[0], starts_x.shape[0]
+    n_p = nz * ny * nx
+    for job in numba.prange(n_img * n_p * n_ch):
+        c = job % n_ch
+        p = (job // n_ch) % n_p
+        n = job // (n_ch * n_p)
+        z0 = starts_z[p // (ny * nx)]
+        y0 = starts_y[(p // nx) % ny]
+        x0 = starts_x[p % nx]
+        for a in range(wz):
+            for b in range(wy):
+                for e in range(wx):
+                    out[n, p, c, a, b, e] = image[n, c, z0 + a, y0 + b, x0 + e]
+
+
+@numba.njit(**_OPTS)
+def _unstitch_weighted_numba(image, starts_z, starts_y, starts_x, weight, out):
+    """Like ``_unstitch_numba`` but multiplies each patch by ``weight`` on the way."""
+    n_img, n_ch = image.shape[0], image.shape[1]
+    wz, wy, wx = out.shape[3], out.shape[4], out.shape[5]
+    nz, ny, nx = starts_z.shape[0], starts_y.shape[0], starts_x.shape[0]
+    n_p = nz * ny * nx
+    for job in numba.prange(n_img * n_p * n_ch):
+        c = job % n_ch
+        p = (job // n_ch) % n_p
+        n = job // (n_ch * n_p)
+        z0 = starts_z[p // (ny * nx)]
+        y0 = starts_y[(p // nx) % ny]
+        x0 = starts_x[p % nx]
+        for a in range(wz):
+            for b in range(wy):
+                for e in range(wx):
+                    out[n, p, c, a, b, e] = image[n, c, z0 + a, y0 + b, x0 + e] * weight[a, b, e]
+
+
+@numba.njit(**_OPTS)
+def _stitch_numba(patches, starts_z, starts_y, starts_x, weight, norm, has_weight, has_norm, out):
+    """Weighted sum of overlapping patches into ``out`` (then divided by ``norm``).
+
+    One parallel iteration owns one (n, c) output plane, so there are no write races and
+    the summation order (patch order) is fixed: results are deterministic. ``out`` must be
+    zero-filled and of the accumulation dtype (float32 or float64).
+    """
+    n_img, n_p, n_ch = patches.shape[0], patches.shape[1], patches.shape[2]
+    wz, wy, wx = patches.shape[3], patches.shape[4], patches.shape[5]
+    ny, nx = starts_y.shape[0], starts_x.shape[0]
+    zz, yy, xx = out.shape[2], out.shape[3], out.shape[4]
+    for job in numba.prange(n_img * n_ch):
+        c = job % n_ch
+        n = job // n_ch
+        for p in range(n_p):
+            z0 = starts_z[p // (ny * nx)]
+            y0 = starts_y[(p // nx) % ny]
+            x0 = starts_x[p % nx]
+            for a in range(wz):
+                for b in range(wy):
+                    if has_weight:
+                        for e in range(wx):
+                            out[n, c, z0 + a, y0 + b, x0 + e] += (
+                                patches[n, p, c, a, b, e] * weight[a, b, e]
+                            )
+                    else:
+                        for e in range(wx):
+                            out[n, c, z0 + a, y0 + b, x0 + e] += patches[n, p, c, a, b, e]
+        if has_norm:
+            for a in range(zz):
+                for b in range(yy):
+                    for e in range(xx):
+                        out[n, c, a, b, e] = out[n, c, a, b, e] / norm[a, b, e]
+
+
+def warmup() -> None:
+    """Compile the common signatures (float32/float64) ahead of first use."""
+    st = np.zeros(1, dtype=np.int64)
+    for dt in (np.float32, np.float64):
+        img = np.zeros((1, 1, 1, 1, 1), dtype=dt)
+        pat = np.zeros((1, 1, 1, 1, 1, 1), dtype=dt)
+        w = np.ones((1, 1, 1), dtype=dt)
+        _unstitch_numba(img, st, st, st, pat)
+        _unstitch_weighted_numba(img, st, st, st, w, pat)
+        _stitch_numba(pat, st, st, st, w, w, True, True, img)

@@ -1,0 +1,60 @@
+"""One error family for the whole library.
+
+Every error raised on bad user input is a :class:`QltyError` (a ``ValueError``), with a
+message that names the argument, the value received and the form expected. Where qlty 1.5.0
+pinned another exception type in its tests, a subclass also derives from that type so code
+written against qlty keeps catching it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "QltyError",
+    "QltyTypeError",
+    "QltyShapeAssertionError",
+    "QltyBackendError",
+    "QltyDependencyError",
+    "describe",
+]
+
+
+class QltyError(ValueError):
+    """Base class of every error qlty_gpu raises for bad input or an impossible request."""
+
+
+class QltyTypeError(QltyError, TypeError):
+    """An argument of the wrong type (qlty raised ``TypeError`` here)."""
+
+
+class QltyShapeAssertionError(QltyError, AssertionError):
+    """A shape/count mismatch where qlty raised a bare ``AssertionError``."""
+
+
+class QltyBackendError(QltyError, RuntimeError):
+    """A compute backend was requested that cannot run on these inputs."""
+
+
+class QltyDependencyError(QltyError, ImportError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+
+def describe(value: object) -> str:
+    """Short printable description of a value for error messages."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and hasattr(value, "dtype"):
+        return f"{type(value).__name__} of shape {tuple(shape)} and dtype {value.dtype}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def require(module: str, extra: str):
+    """Import an optional dependency or raise :class:`QltyDependencyError` naming the extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - exercised via monkeypatch in tests
+        raise QltyDependencyError(
+            f"this feature needs the optional package {module!r}: "
+            f"pip install 'qlty_gpu[{extra}]' ({exc})"
+        ) from exc

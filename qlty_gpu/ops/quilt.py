@@ -1,0 +1,497 @@
+"""Unstitch / stitch op family: pure-torch reference, numba CPU op, Triton op, autograd.
+
+Both ops are registered with ``torch.library.custom_op`` (``qlty_gpu::unstitch`` and
+``qlty_gpu::stitch``) with a shape-only fake and an adjoint backward, so they work in eager
+mode, under ``torch.compile(fullgraph=True)``, with ``torch.library.opcheck`` and under the
+Triton interpreter.
+
+Definitions for an image batch ``x`` of shape ``(N, C, *S)`` and a plan with ``P`` patches
+per image, window ``w`` and weight map ``W`` (ones when absent):
+
+* ``unstitch(x)[n*P + p, c] = cast(x[n, c, origin_p : origin_p + w] * W)`` with the
+  border region (``fill_mask``) replaced by ``fill_value``;
+* ``stitch(y)[n, c] = (sum_p scatter_p(y[n*P + p, c] * W)) / norm``.
+
+The two are adjoint: each one's backward is the other's forward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..errors import QltyError, QltyShapeAssertionError, describe
+from ..geometry import patch_count, plan_for
+from .backend import choose_backend
+
+__all__ = [
+    "unstitch",
+    "stitch",
+    "unstitch_reference",
+    "stitch_reference",
+    "accumulation_dtype",
+    "STITCH_MODES",
+]
+
+STITCH_MODES = ("auto", "atomic", "deterministic")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64, complex stays complex, everything else accumulates in float32."""
+    if dtype in (torch.float64, torch.complex64, torch.complex128):
+        return dtype
+    return torch.float32
+
+
+def stitch_output_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Stitch returns floating input dtypes unchanged; integers and bool give float32."""
+    if dtype.is_floating_point or dtype.is_complex:
+        return dtype
+    return torch.float32
+
+
+def _counts(spatial, window, step) -> list:
+    return [-(-(d - w) // s) + 1 for d, w, s in zip(spatial, window, step)]
+
+
+# ============================================================== torch reference
+def unstitch_reference(
+    x: torch.Tensor,
+    window: list[int],
+    step: list[int],
+    weight: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    fill_mask: Optional[torch.Tensor] = None,
+    fill_value: float = 0.0,
+    positions: str = "",
+    normalize_positions: bool = True,
+) -> torch.Tensor:
+    """Pure-torch unstitch: separable ``index_select`` per axis, then one permute-copy."""
+    nd = x.dim() - 2
+    n_img, n_ch = x.shape[:2]
+    plan = plan_for(tuple(x.shape[2:]), tuple(window), tuple(step))
+    y = x
+    for ax in range(nd):
+        y = y.index_select(2 + ax, plan.axis_index(ax, x.device))
+    # (N, C, n0, w0, n1, w1, ...) -> (N, n0, n1, ..., C, w0, w1, ...)
+    y = y.reshape(n_img, n_ch, *[v for a in range(nd) for v in (plan.counts[a], window[a])])
+    perm = [0] + [2 + 2 * a for a in range(nd)] + [1] + [3 + 2 * a for a in range(nd)]
+    y = y.permute(perm)
+    if weight is not None:
+        y = y.to(accumulation_dtype(y.dtype)) * weight.to(device=y.device)
+    y = y.reshape(n_img * plan.patches_per_image, n_ch, *window)
+    y = y.to(out_dtype or x.dtype)
+    if fill_mask is not None:
+        y = y.masked_fill(fill_mask.to(device=y.device, dtype=torch.bool), fill_value)
+    return _append_positions(y, plan, n_img, positions, normalize_positions)
+
+
+def positional_channels(
+    plan, n_img: int, mode: str, normalize: bool, dtype: torch.dtype, device
+) -> torch.Tensor:
+    """``(n_img * P, ndim, *window)`` coordinate channels (z,) y, x for every patch.
+
+    ``absolute``: ``start + u`` (divided by the image size when normalised);
+    ``relative``: ``u`` (divided by ``window - 1`` when normalised, 0 for a window of 1).
+    """
+    nd = plan.ndim
+    chans = []
+    for ax in range(nd):
+        u = torch.arange(plan.window[ax], device=device, dtype=torch.float64)
+        shp = [1] * (1 + nd)
+        shp[1 + ax] = -1
+        u = u.reshape(shp)  # (1, ..., w_ax, ...)
+        if mode == "absolute":
+            org = plan.origins(device)[:, ax].to(torch.float64).reshape([-1] + [1] * nd)
+            v = org + u
+            if normalize:
+                v = v / plan.shape[ax]
+        else:
+            v = u.expand([plan.patches_per_image] + [1] * nd)
+            if normalize:
+                v = v / (plan.window[ax] - 1) if plan.window[ax] > 1 else v * 0
+        chans.append(v.expand([plan.patches_per_image, *plan.window]))
+    pos = torch.stack(chans, dim=1).to(dtype)  # (P, nd, *window)
+    return pos.repeat(n_img, *([1] * (1 + nd)))
+
+
+def _append_positions(y, plan, n_img, positions, normalize_positions):
+    if not positions:
+        return y
+    pos = positional_channels(plan, n_img, positions, normalize_positions, y.dtype, y.device)
+    return torch.cat([y, pos], dim=1)
+
+
+def stitch_reference(
+    patches: torch.Tensor,
+    shape: list[int],
+    step: list[int],
+    weight: Optional[torch.Tensor] = None,
+    norm: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Pure-torch stitch: weighted patches scattered with ``index_add`` one axis at a time."""
+    nd = len(shape)
+    window = list(patches.shape[2:])
+    plan = plan_for(tuple(shape), tuple(window), tuple(step))
+    n_p = plan.patches_per_image
+    n_img, n_ch = patches.shape[0] // n_p, patches.shape[1]
+    acc = accumulation_dtype(patches.dtype)
+    q = patches.to(acc)
+    if weight is not None:
+        q = q * weight.to(device=q.device, dtype=acc)
+    q = q.reshape(n_img, *plan.counts, n_ch, *window)
+    # (N, n0, n1, ..., C, w0, w1, ...) -> (N, C, n0, w0, n1, w1, ...)
+    perm = [0, 1 + nd] + [v for a in range(nd) for v in (1 + a, 2 + nd + a)]
+    q = q.permute(perm).reshape(
+        n_img, n_ch, *[plan.counts[a] * window[a] for a in range(nd)]
+    )
+    for ax in reversed(range(nd)):
+        shp = list(q.shape)
+        shp[2 + ax] = shape[ax]
+        q = q.new_zeros(shp).index_add_(2 + ax, plan.axis_index(ax, q.device), q)
+    if norm is not None:
+        q = q / norm.to(device=q.device, dtype=q.dtype)
+    return q.to(stitch_output_dtype(patches.dtype))
+
+
+# ================================================================ numba CPU op
+def _as5d(t: torch.Tensor, nd: int) -> torch.Tensor:
+    """(N, C, Y, X) -> (N, C, 1, Y, X); 3-D data passes through."""
+    return t.unsqueeze(2) if nd == 2 else t
+
+
+def _starts3(plan) -> list:
+    import numpy as np
+
+    starts = [np.asarray(s, dtype=np.int64) for s in plan.starts]
+    if plan.ndim == 2:
+        starts = [np.zeros(1, dtype=np.int64)] + starts
+    return starts
+
+
+def _win3(window) -> list:
+    return [1, *window] if len(window) == 2 else list(window)
+
+
+def _unstitch_numba(
+    x, window, step, weight, out_dtype, fill_mask, fill_value, positions, normalize_positions
+):
+    from ..kernels import numba_quilt as nk
+
+    nd = x.dim() - 2
+    if nd not in (2, 3):
+        return unstitch_reference(
+            x, window, step, weight, out_dtype, fill_mask, fill_value, positions,
+            normalize_positions,
+        )
+    plan = plan_for(tuple(x.shape[2:]), tuple(window), tuple(step))
+    n_img, n_ch = x.shape[:2]
+    src = x
+    if src.dtype in (torch.float16, torch.bfloat16):
+        src = src.float()  # numba has no half types: upcast once, exact
+    dst_dtype = out_dtype or x.dtype
+    work_dtype = dst_dtype
+    if weight is not None:
+        work_dtype = accumulation_dtype(src.dtype if src.dtype.is_floating_point else dst_dtype)
+    if work_dtype in (torch.float16, torch.bfloat16):
+        work_dtype = torch.float32
+    out = torch.empty((n_img * plan.patches_per_image, n_ch, *window), dtype=work_dtype)
+    out6 = out.view(n_img, plan.patches_per_image, n_ch, *_win3(window))
+    sz, sy, sx = _starts3(plan)
+    img = _as5d(src, nd).numpy()
+    if weight is None:
+        nk._unstitch_numba(img, sz, sy, sx, out6.numpy())
+    else:
+        w = weight.to(work_dtype).reshape(_win3(window)).contiguous().numpy()
+        nk._unstitch_weighted_numba(img, sz, sy, sx, w, out6.numpy())
+    out = out.to(dst_dtype)
+    if fill_mask is not None:
+        out.masked_fill_(fill_mask.to(torch.bool), fill_value)
+    return _append_positions(out, plan, n_img, positions, normalize_positions)
+
+
+def _stitch_numba(patches, shape, step, weight, norm):
+    from ..kernels import numba_quilt as nk
+
+    nd = len(shape)
+    if nd not in (2, 3):
+        return stitch_reference(patches, shape, step, weight, norm)
+    window = list(patches.shape[2:])
+    plan = plan_for(tuple(shape), tuple(window), tuple(step))
+    n_p = plan.patches_per_image
+    n_img, n_ch = patches.shape[0] // n_p, patches.shape[1]
+    acc = accumulation_dtype(patches.dtype)
+    src = patches.to(acc).contiguous()
+    out = torch.zeros((n_img, n_ch, *shape), dtype=acc)
+    sz, sy, sx = _starts3(plan)
+    one = torch.ones((1, 1, 1), dtype=acc).numpy()
+    w = weight.to(acc).reshape(_win3(window)).contiguous().numpy() if weight is not None else one
+    nrm = (
+        norm.to(acc).reshape([1] * (3 - nd) + list(shape)).contiguous().numpy()
+        if norm is not None
+        else one
+    )
+    nk._stitch_numba(
+        src.view(n_img, n_p, n_ch, *_win3(window)).numpy(),
+        sz, sy, sx, w, nrm, weight is not None, norm is not None,
+        _as5d(out, nd).numpy(),
+    )
+    return out.to(stitch_output_dtype(patches.dtype))
+
+
+# ================================================================ Triton op
+def _unstitch_triton(
+    x, window, step, weight, out_dtype, fill_mask, fill_value, positions, normalize_positions
+):
+    raise NotImplementedError("Triton unstitch lands with the Triton kernels issue")
+
+
+def _stitch_triton(patches, shape, step, weight, norm, mode):
+    raise NotImplementedError("Triton stitch lands with the Triton kernels issue")
+
+
+# ============================================================ registered ops
+@torch.library.custom_op("qlty_gpu::unstitch", mutates_args=())
+def _unstitch_op(
+    x: torch.Tensor,
+    window: list[int],
+    step: list[int],
+    weight: Optional[torch.Tensor],
+    out_dtype: Optional[torch.dtype],
+    fill_mask: Optional[torch.Tensor],
+    fill_value: float,
+    positions: str,
+    normalize_positions: bool,
+    backend: str,
+) -> torch.Tensor:
+    args = (x, window, step, weight, out_dtype, fill_mask, fill_value, positions,
+            normalize_positions)
+    name = choose_backend("unstitch", x.device, x.dtype, backend or None)
+    if name == "numba":
+        return _unstitch_numba(*args)
+    if name == "triton":
+        return _unstitch_triton(*args)
+    return unstitch_reference(*args)
+
+
+@_unstitch_op.register_fake
+def _(x, window, step, weight, out_dtype, fill_mask, fill_value, positions, normalize_positions,
+      backend):
+    counts = _counts(x.shape[2:], window, step)
+    m = x.shape[0] * math.prod(counts)
+    c = x.shape[1] + (len(window) if positions else 0)
+    return x.new_empty((m, c, *window), dtype=out_dtype or x.dtype)
+
+
+@torch.library.custom_op("qlty_gpu::stitch", mutates_args=())
+def _stitch_op(
+    patches: torch.Tensor,
+    shape: list[int],
+    step: list[int],
+    weight: Optional[torch.Tensor],
+    norm: Optional[torch.Tensor],
+    mode: str,
+    backend: str,
+) -> torch.Tensor:
+    name = choose_backend("stitch", patches.device, patches.dtype, backend or None)
+    if name == "numba":
+        return _stitch_numba(patches, shape, step, weight, norm)
+    if name == "triton":
+        return _stitch_triton(patches, shape, step, weight, norm, mode)
+    return stitch_reference(patches, shape, step, weight, norm)
+
+
+@_stitch_op.register_fake
+def _(patches, shape, step, weight, norm, mode, backend):
+    window = patches.shape[2:]
+    n_p = math.prod(_counts(shape, window, step))
+    return patches.new_empty(
+        (patches.shape[0] // n_p, patches.shape[1], *shape),
+        dtype=stitch_output_dtype(patches.dtype),
+    )
+
+
+# ----------------------------------------------------------------- autograd
+def _unstitch_setup(ctx, inputs, output):
+    x, window, step, weight, out_dtype, fill_mask, fill_value, positions, _, backend = inputs
+    ctx.n_ch = x.shape[1]
+    ctx.shape = list(x.shape[2:])
+    ctx.step = step
+    ctx.x_dtype = x.dtype
+    ctx.backend = backend
+    ctx.save_for_backward(weight, fill_mask)
+
+
+def _unstitch_backward(ctx, grad):
+    weight, fill_mask = ctx.saved_tensors
+    grad = grad[:, : ctx.n_ch]  # positional channels carry no gradient to x
+    if fill_mask is not None:
+        grad = grad.masked_fill(fill_mask.to(torch.bool), 0)
+    gx = torch.ops.qlty_gpu.stitch(grad, ctx.shape, ctx.step, weight, None, "auto", ctx.backend)
+    return gx.to(ctx.x_dtype), None, None, None, None, None, None, None, None, None
+
+
+def _stitch_setup(ctx, inputs, output):
+    patches, shape, step, weight, norm, mode, backend = inputs
+    ctx.window = list(patches.shape[2:])
+    ctx.step = step
+    ctx.p_dtype = patches.dtype
+    ctx.backend = backend
+    ctx.save_for_backward(weight, norm)
+
+
+def _stitch_backward(ctx, grad):
+    weight, norm = ctx.saved_tensors
+    if norm is not None:
+        grad = grad / norm
+    gp = torch.ops.qlty_gpu.unstitch(
+        grad, ctx.window, ctx.step, weight, ctx.p_dtype, None, 0.0, "", True, ctx.backend
+    )
+    return gp, None, None, None, None, None, None
+
+
+_unstitch_op.register_autograd(_unstitch_backward, setup_context=_unstitch_setup)
+_stitch_op.register_autograd(_stitch_backward, setup_context=_stitch_setup)
+
+
+# ======================================================= validated entry points
+def _check_tensor(name: str, t: object, ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise QltyError(f"{name} must be a torch.Tensor, got {describe(t)}")
+    if ndim is not None and t.dim() != ndim:
+        raise QltyError(f"{name} must be {ndim}-D, got {describe(t)}")
+    return t
+
+
+def _check_geometry(spatial, window, step, where: str) -> tuple[list[int], list[int]]:
+    nd = len(spatial)
+    window = [int(w) for w in window]
+    step = [int(s) for s in step]
+    if len(window) != nd or len(step) != nd:
+        raise QltyError(
+            f"{where}: window {window} and step {step} must have {nd} elements for spatial "
+            f"shape {tuple(spatial)}"
+        )
+    for w, s, d in zip(window, step, spatial):
+        if not 1 <= w <= d or s < 1:
+            raise QltyError(
+                f"{where}: need 1 <= window <= image size and step >= 1, got window={window}, "
+                f"step={step}, image={tuple(spatial)}"
+            )
+    return window, step
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in STITCH_MODES:
+        raise QltyError(f"mode must be one of {STITCH_MODES}, got {mode!r}")
+    return mode
+
+
+def unstitch(
+    x: torch.Tensor,
+    window,
+    step,
+    *,
+    weight: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    fill_mask: Optional[torch.Tensor] = None,
+    fill_value: float = 0.0,
+    positions: str = "",
+    normalize_positions: bool = True,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Split ``x`` of shape ``(N, C, *S)`` into patches ``(N*P, C, *window)``.
+
+    Args:
+        x: the images, 2 or 3 spatial dims, any strides, any device.
+        window: patch size per spatial axis.
+        step: patch step per spatial axis (last patch clamped to the edge).
+        weight: optional window-shaped map multiplied into each patch (fused).
+        out_dtype: optional output dtype (cast fused).
+        fill_mask: optional window-shaped bool mask of positions set to ``fill_value``.
+        fill_value: value written where ``fill_mask`` is true.
+        positions: '' for none, 'absolute' or 'relative' to append ``ndim`` coordinate
+            channels (z,) y, x after the C data channels (see :func:`positional_channels`).
+        normalize_positions: scale the coordinate channels (see :func:`positional_channels`).
+        backend: 'triton', 'numba', 'torch' or None for automatic.
+
+    Returns:
+        Patches in N-major, then z, y, x order.
+
+    Example:
+        >>> x = torch.arange(2 * 1 * 5 * 5.).reshape(2, 1, 5, 5)
+        >>> unstitch(x, (3, 3), (2, 2)).shape
+        torch.Size([8, 1, 3, 3])
+    """
+    _check_tensor("x", x)
+    if x.dim() < 3:
+        raise QltyError(f"x must have shape (N, C, *spatial), got {describe(x)}")
+    window, step = _check_geometry(x.shape[2:], window, step, "unstitch")
+    if weight is not None and tuple(weight.shape) != tuple(window):
+        raise QltyError(f"weight must have the window shape {tuple(window)}, got {describe(weight)}")
+    if fill_mask is not None and tuple(fill_mask.shape) != tuple(window):
+        raise QltyError(
+            f"fill_mask must have the window shape {tuple(window)}, got {describe(fill_mask)}"
+        )
+    if positions not in ("", "absolute", "relative"):
+        raise QltyError(f"positions must be '', 'absolute' or 'relative', got {positions!r}")
+    return torch.ops.qlty_gpu.unstitch(
+        x, window, step, weight, out_dtype, fill_mask, float(fill_value), positions,
+        bool(normalize_positions), backend or "",
+    )
+
+
+def stitch(
+    patches: torch.Tensor,
+    shape,
+    step,
+    *,
+    weight: Optional[torch.Tensor] = None,
+    norm: Optional[torch.Tensor] = None,
+    mode: str = "auto",
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Sum weighted patches ``(N*P, C, *window)`` back into images ``(N, C, *shape)``.
+
+    Args:
+        patches: patches in :func:`unstitch` order.
+        shape: spatial shape of the images.
+        step: patch step per spatial axis.
+        weight: optional window-shaped weight map.
+        norm: optional spatial-shaped divisor (the weight sum); None returns the plain sum.
+        mode: 'auto', 'atomic' or 'deterministic' (only the Triton backend distinguishes;
+            the CPU backends are always deterministic).
+        backend: 'triton', 'numba', 'torch' or None for automatic.
+
+    Returns:
+        Floating input keeps its dtype (accumulated in float32, float64 for float64);
+        integer input gives float32.
+
+    Example:
+        >>> p = torch.ones(8, 1, 3, 3)
+        >>> stitch(p, (5, 5), (2, 2))[0, 0, :, 2]
+        tensor([2., 2., 4., 2., 2.])
+    """
+    _check_tensor("patches", patches)
+    shape = [int(d) for d in shape]
+    if patches.dim() != 2 + len(shape):
+        raise QltyError(
+            f"patches must have shape (M, C, *window) with {len(shape)} window dims, "
+            f"got {describe(patches)}"
+        )
+    window, step = _check_geometry(shape, patches.shape[2:], step, "stitch")
+    n_p = math.prod(patch_count(d, w, s) for d, w, s in zip(shape, window, step))
+    if patches.shape[0] % n_p != 0:
+        raise QltyShapeAssertionError(
+            f"patches has {patches.shape[0]} patches, not a multiple of the {n_p} patches per "
+            f"image of this geometry"
+        )
+    if weight is not None and tuple(weight.shape) != tuple(window):
+        raise QltyError(f"weight must have the window shape {tuple(window)}, got {describe(weight)}")
+    if norm is not None and tuple(norm.shape) != tuple(shape):
+        raise QltyError(f"norm must have the spatial shape {tuple(shape)}, got {describe(norm)}")
+    return torch.ops.qlty_gpu.stitch(
+        patches, shape, step, weight, norm, _check_mode(mode), backend or ""
+    )
