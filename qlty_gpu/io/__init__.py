@@ -1,0 +1,1 @@
+"""I/O: image files, Zarr / OME-Zarr stores (compute modules take arrays, not paths)."""

@@ -1,0 +1,1 @@
+"""Utilities (image stacks to Zarr / OME-Zarr)."""
