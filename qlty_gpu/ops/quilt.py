@@ -109,7 +109,7 @@ def positional_channels(
             if normalize:
                 v = v / plan.shape[ax]
         else:
-            v = u.expand([plan.patches_per_image] + [1] * nd)
+            v = u
             if normalize:
                 v = v / (plan.window[ax] - 1) if plan.window[ax] > 1 else v * 0
         chans.append(v.expand([plan.patches_per_image, *plan.window]))
