@@ -42,8 +42,8 @@ def _unstitch_numba(image, starts_z, starts_y, starts_x, out):
         x0 = starts_x[p % nx]
         for a in range(wz):
             for b in range(wy):
-                for e in range(wx):
-                    out[n, p, c, a, b, e] = image[n, c, z0 + a, y0 + b, x0 + e]
+                # one contiguous row per copy: numba lowers the slice to a vector loop
+                out[n, p, c, a, b, :] = image[n, c, z0 + a, y0 + b, x0 : x0 + wx]
 
 
 @numba.njit(**_OPTS)
@@ -62,8 +62,7 @@ def _unstitch_weighted_numba(image, starts_z, starts_y, starts_x, weight, out):
         x0 = starts_x[p % nx]
         for a in range(wz):
             for b in range(wy):
-                for e in range(wx):
-                    out[n, p, c, a, b, e] = image[n, c, z0 + a, y0 + b, x0 + e] * weight[a, b, e]
+                out[n, p, c, a, b, :] = image[n, c, z0 + a, y0 + b, x0 : x0 + wx] * weight[a, b, :]
 
 
 @numba.njit(**_OPTS)
@@ -87,6 +86,7 @@ def _stitch_numba(patches, starts_z, starts_y, starts_x, weight, norm, has_weigh
             x0 = starts_x[p % nx]
             for a in range(wz):
                 for b in range(wy):
+                    # explicit inner loops: a sliced `+=` would allocate a temporary per row
                     if has_weight:
                         for e in range(wx):
                             out[n, c, z0 + a, y0 + b, x0 + e] += (

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from .._alloc import empty_cpu, zeros_cpu
 from ..errors import QltyError, QltyShapeAssertionError, describe
 from ..geometry import patch_count, plan_for
 from .backend import choose_backend
@@ -197,7 +198,7 @@ def _unstitch_numba(
         work_dtype = accumulation_dtype(src.dtype if src.dtype.is_floating_point else dst_dtype)
     if work_dtype in (torch.float16, torch.bfloat16):
         work_dtype = torch.float32
-    out = torch.empty((n_img * plan.patches_per_image, n_ch, *window), dtype=work_dtype)
+    out = empty_cpu((n_img * plan.patches_per_image, n_ch, *window), work_dtype)
     out6 = out.view(n_img, plan.patches_per_image, n_ch, *_win3(window))
     sz, sy, sx = _starts3(plan)
     img = _as5d(src, nd).numpy()
@@ -224,7 +225,7 @@ def _stitch_numba(patches, shape, step, weight, norm):
     n_img, n_ch = patches.shape[0] // n_p, patches.shape[1]
     acc = accumulation_dtype(patches.dtype)
     src = patches.to(acc).contiguous()
-    out = torch.zeros((n_img, n_ch, *shape), dtype=acc)
+    out = zeros_cpu((n_img, n_ch, *shape), acc)
     sz, sy, sx = _starts3(plan)
     one = torch.ones((1, 1, 1), dtype=acc).numpy()
     w = weight.to(acc).reshape(_win3(window)).contiguous().numpy() if weight is not None else one
