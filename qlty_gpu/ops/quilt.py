@@ -243,14 +243,218 @@ def _stitch_numba(patches, shape, step, weight, norm):
 
 
 # ================================================================ Triton op
+# The launch side of kernels/triton_quilt.py. Everything below is shape bookkeeping: the
+# kernels see 3 spatial axes (2-D/1-D data gets leading singleton axes: window 1, one start
+# 0), explicit strides of the caller's tensors (no .contiguous() of x or patches), start
+# tables from QuiltPlan (cached per plan and device), and bf16 tensors as their int16 bits.
+_TRITON_TILE = 1024  # elements per program: 4 warps x 8 per thread (two 16-byte fp32 vectors)
+_TRITON_WARPS = 4
+_TRITON_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+_TRITON_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_STITCH_DEFAULT_MODE = "deterministic"  # GPU default for mode='auto', see benchmarks/GPU.md
+_triton_tables: dict = {}
+
+
+def _triton_kernels():
+    from ..kernels import triton_quilt
+
+    return triton_quilt
+
+
+def _triton_starts(plan, device) -> tuple:
+    """(starts_z, starts_y, starts_x) int64 device tensors of the plan padded to 3 axes."""
+    key = (plan, device)
+    hit = _triton_tables.get(key)
+    if hit is None:
+        pad = [(0,)] * (3 - plan.ndim)
+        hit = tuple(
+            torch.tensor(s, dtype=torch.int64, device=device) for s in (*pad, *plan.starts)
+        )
+        if len(_triton_tables) > 256:
+            _triton_tables.clear()
+        _triton_tables[key] = hit
+    return hit
+
+
+def _pad3(seq, fill) -> list:
+    return [fill] * (3 - len(seq)) + list(seq)
+
+
+def _lift3(t: torch.Tensor, nd: int) -> torch.Tensor:
+    """(N, C, *S) -> (N, C, 1.., *S) with 3 spatial axes: a view, strides kept."""
+    for _ in range(3 - nd):
+        t = t.unsqueeze(2)
+    return t
+
+
+def _triton_view(t: torch.Tensor) -> torch.Tensor:
+    """bf16 travels as its int16 bit pattern (same storage, same strides)."""
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
+def _triton_tiles(wy: int, wx: int) -> tuple:
+    """(BLOCK_Y, BLOCK_X, n_yb, n_xb) for a (wy, wx) plane: whole rows of up to 128
+    elements along the contiguous axis, then as many rows as fit in _TRITON_TILE."""
+    block_x = min(triton_next_pow2(wx), 128)
+    block_y = min(triton_next_pow2(wy), max(1, _TRITON_TILE // block_x))
+    return block_y, block_x, -(-wy // block_y), -(-wx // block_x)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _x_align(starts_x) -> int:
+    """Largest power of two (<= 16) dividing every x start: a tl.multiple_of hint."""
+    g = 0
+    for s in starts_x:
+        g = math.gcd(g, int(s))
+    if g == 0:
+        return 16
+    return min(16, g & -g)
+
+
+def _triton_supported(dtype: torch.dtype) -> bool:
+    return dtype in _TRITON_FLOAT_DTYPES or dtype in _TRITON_INT_DTYPES
+
+
 def _unstitch_triton(
     x, window, step, weight, out_dtype, fill_mask, fill_value, positions, normalize_positions
 ):
-    raise NotImplementedError("Triton unstitch lands with the Triton kernels issue")
+    """Triton unstitch: one fused pass (gather, cast, weight, fill, positional channels)."""
+    nd = x.dim() - 2
+    dst = out_dtype or x.dtype
+    if nd > 3 or not (_triton_supported(x.dtype) and _triton_supported(dst)):
+        return unstitch_reference(
+            x, window, step, weight, out_dtype, fill_mask, fill_value, positions,
+            normalize_positions,
+        )
+    tk = _triton_kernels()
+    plan = plan_for(tuple(x.shape[2:]), tuple(window), tuple(step))
+    n_img, n_ch = x.shape[:2]
+    n_pos = nd if positions else 0
+    n_p = plan.patches_per_image
+    out = torch.empty((n_img * n_p, n_ch + n_pos, *window), dtype=dst, device=x.device)
+    if out.numel() == 0:
+        return out
+    dev = x.device
+    x5 = _lift3(x, nd)
+    wz, wy, wx = _pad3(window, 1)
+    sz, sy, sx = _triton_starts(plan, dev)
+    dz, dy, dx = _pad3(plan.shape, 1)
+    counts = _pad3(plan.counts, 1)
+    compute_f64 = False
+    w_arg = sz  # any valid pointer when unused
+    if weight is not None:
+        compute = torch.promote_types(accumulation_dtype(x.dtype), weight.dtype)
+        compute_f64 = compute == torch.float64
+        w_arg = weight.to(device=dev, dtype=compute).contiguous()
+    m_arg, f_arg = sz, sz
+    if fill_mask is not None:
+        m_arg = fill_mask.to(device=dev, dtype=torch.int8).contiguous()
+        f_arg = _triton_view(torch.empty(1, dtype=dst, device=dev).fill_(fill_value))
+    block_y, block_x, n_yb, n_xb = _triton_tiles(wy, wx)
+    grid = (out.shape[0] * out.shape[1] * wz * n_yb * n_xb,)
+    tk._unstitch_kernel[grid](
+        _triton_view(x5), _triton_view(out), w_arg, m_arg, f_arg, sz, sy, sx,
+        n_ch, n_ch + n_pos, counts[1], counts[2], n_p,
+        dz, dy, dx,
+        *x5.stride(),
+        n_yb, n_xb,
+        WZ=wz, WY=wy, WX=wx, BLOCK_Y=block_y, BLOCK_X=block_x,
+        X_ALIGN=_x_align(plan.starts[-1]),
+        HAS_WEIGHT=weight is not None, HAS_FILL=fill_mask is not None,
+        POSITIONS={"": 0, "absolute": 1, "relative": 2}[positions],
+        NORMALIZE_POS=bool(normalize_positions), NDIM=nd,
+        X_BF16=x.dtype == torch.bfloat16, X_UPCAST=x.dtype == torch.float16,
+        COMPUTE_F64=compute_f64,
+        OUT_BF16=dst == torch.bfloat16, OUT_HALF=dst == torch.float16,
+        num_warps=_TRITON_WARPS,
+    )
+    return out
+
+
+def _resolve_mode(mode: str) -> str:
+    return _STITCH_DEFAULT_MODE if mode in ("auto", "", None) else mode
 
 
 def _stitch_triton(patches, shape, step, weight, norm, mode):
-    raise NotImplementedError("Triton stitch lands with the Triton kernels issue")
+    """Triton stitch: 'deterministic' output-stationary gather (default) or 'atomic'
+    scatter-add; weighting, normalisation by ``norm`` and the output cast are fused."""
+    nd = len(shape)
+    if nd > 3 or not _triton_supported(patches.dtype):
+        return stitch_reference(patches, shape, step, weight, norm)
+    mode = _resolve_mode(mode)
+    if mode not in ("atomic", "deterministic"):
+        raise QltyError(f"mode must be one of {STITCH_MODES}, got {mode!r}")
+    tk = _triton_kernels()
+    window = list(patches.shape[2:])
+    plan = plan_for(tuple(shape), tuple(window), tuple(step))
+    n_p = plan.patches_per_image
+    n_img, n_ch = patches.shape[0] // n_p, patches.shape[1]
+    dev = patches.device
+    acc = accumulation_dtype(patches.dtype)
+    dst = stitch_output_dtype(patches.dtype)
+    out = torch.empty((n_img, n_ch, *shape), dtype=dst, device=dev)
+    if out.numel() == 0:
+        return out
+    p5 = _lift3(patches, nd)
+    wz, wy, wx = _pad3(window, 1)
+    dz, dy, dx = _pad3(shape, 1)
+    stz, sty, stx = _pad3(step, 1)
+    nz, ny, nx = _pad3(plan.counts, 1)
+    sz, sy, sx = _triton_starts(plan, dev)
+    w_arg = weight.to(device=dev, dtype=acc).contiguous() if weight is not None else sz
+    n_arg = norm.to(device=dev, dtype=acc).contiguous() if norm is not None else sz
+    p_bf16 = patches.dtype == torch.bfloat16
+    p_up = patches.dtype == torch.float16 or not patches.dtype.is_floating_point
+    if mode == "deterministic":
+        block_y, block_x, n_yb, n_xb = _triton_tiles(dy, dx)
+        grid = (n_img * n_ch * dz * n_yb * n_xb,)
+        tk._stitch_gather_kernel[grid](
+            _triton_view(p5), _triton_view(out), w_arg, n_arg, sz, sy, sx,
+            n_ch, nz, ny, nx, n_p,
+            dz, dy, dx, stz, sty, stx,
+            *p5.stride(),
+            n_yb, n_xb,
+            WZ=wz, WY=wy, WX=wx, BLOCK_Y=block_y, BLOCK_X=block_x,
+            HAS_WEIGHT=weight is not None, HAS_NORM=norm is not None,
+            ACC_F64=acc == torch.float64, P_BF16=p_bf16, P_UPCAST=p_up,
+            OUT_BF16=dst == torch.bfloat16, OUT_HALF=dst == torch.float16,
+            num_warps=_TRITON_WARPS,
+        )
+        return out
+    # atomic: scatter-add into a zeroed accumulator, then one fused divide + cast pass
+    accum = out if dst == acc else torch.zeros((n_img, n_ch, *shape), dtype=acc, device=dev)
+    if dst == acc:
+        accum.zero_()
+    block_y, block_x, n_yb, n_xb = _triton_tiles(wy, wx)
+    grid = (patches.shape[0] * n_ch * wz * n_yb * n_xb,)
+    tk._stitch_atomic_kernel[grid](
+        _triton_view(p5), accum, w_arg, sz, sy, sx,
+        n_ch, ny, nx, n_p,
+        dz, dy, dx,
+        *p5.stride(),
+        n_yb, n_xb,
+        WZ=wz, WY=wy, WX=wx, BLOCK_Y=block_y, BLOCK_X=block_x,
+        X_ALIGN=_x_align(plan.starts[-1]),
+        HAS_WEIGHT=weight is not None, P_BF16=p_bf16, P_UPCAST=p_up,
+        num_warps=_TRITON_WARPS,
+    )
+    if norm is None and accum is out:
+        return out
+    numel = accum.numel()
+    tk._stitch_finalize_kernel[(triton_cdiv(numel, _TRITON_TILE),)](
+        accum, n_arg, _triton_view(out), numel, dz * dy * dx,
+        BLOCK=_TRITON_TILE, HAS_NORM=norm is not None,
+        OUT_BF16=dst == torch.bfloat16, OUT_HALF=dst == torch.float16,
+        num_warps=_TRITON_WARPS,
+    )
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 # ============================================================ registered ops
