@@ -288,7 +288,7 @@ def _stitch_gather_kernel(
     stride_p_m, stride_p_c, stride_p_z, stride_p_y, stride_p_x,
     n_yb, n_xb,
     WZ: tl.constexpr, WY: tl.constexpr, WX: tl.constexpr,
-    BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
+    BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, X_ALIGN: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_NORM: tl.constexpr, ACC_F64: tl.constexpr,
     P_BF16: tl.constexpr, P_UPCAST: tl.constexpr, OUT_BF16: tl.constexpr,
     OUT_HALF: tl.constexpr,
@@ -303,6 +303,7 @@ def _stitch_gather_kernel(
     reference on CPU). Then divides by ``norm`` and casts, fused. ``p_ptr`` (N*P, C, WZ, WY,
     WX) any strides; ``out_ptr`` (N, C, DZ, DY, DX) contiguous; ``w_ptr`` window-shaped and
     ``norm_ptr`` (DZ, DY, DX) contiguous in the accumulation dtype (fp64 iff ACC_F64).
+    X_ALIGN: a power of two dividing every x start (vectorised patch loads).
     """
     pid = tl.program_id(0).to(tl.int64)
     xb = pid % n_xb
@@ -335,7 +336,7 @@ def _stitch_gather_kernel(
             ok_y = (ly >= 0) & (ly < WY) & (lz_y >= 0) & (lz_y < WZ)
             acc_x = tl.zeros([BLOCK_Y, BLOCK_X], dtype=acc_t)
             for kx in range(kx_lo, kx_hi):
-                lx = offs_x - tl.load(sx_ptr + kx)  # (BX,)
+                lx = offs_x - tl.multiple_of(tl.load(sx_ptr + kx), X_ALIGN)  # (BX,)
                 ok_x = (lx >= 0) & (lx < WX)
                 mask = ok_y[:, None] & ok_x[None, :] & in_img
                 m = n * n_patches + (kz * n_py + ky) * n_px + kx

@@ -248,6 +248,7 @@ def _stitch_numba(patches, shape, step, weight, norm):
 # 0), explicit strides of the caller's tensors (no .contiguous() of x or patches), start
 # tables from QuiltPlan (cached per plan and device), and bf16 tensors as their int16 bits.
 _TRITON_TILE = 1024  # elements per program: 4 warps x 8 per thread (two 16-byte fp32 vectors)
+_TRITON_GATHER_TILE = 512  # gather keeps 3 nested accumulators: half the tile, <= 64 regs
 _TRITON_WARPS = 4
 _TRITON_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 _TRITON_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -292,11 +293,11 @@ def _triton_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
-def _triton_tiles(wy: int, wx: int) -> tuple:
+def _triton_tiles(wy: int, wx: int, tile: int = _TRITON_TILE) -> tuple:
     """(BLOCK_Y, BLOCK_X, n_yb, n_xb) for a (wy, wx) plane: whole rows of up to 128
-    elements along the contiguous axis, then as many rows as fit in _TRITON_TILE."""
+    elements along the contiguous axis, then as many rows as fit in ``tile`` elements."""
     block_x = min(triton_next_pow2(wx), 128)
-    block_y = min(triton_next_pow2(wy), max(1, _TRITON_TILE // block_x))
+    block_y = min(triton_next_pow2(wy), max(1, tile // block_x))
     return block_y, block_x, -(-wy // block_y), -(-wx // block_x)
 
 
@@ -409,7 +410,7 @@ def _stitch_triton(patches, shape, step, weight, norm, mode):
     p_bf16 = patches.dtype == torch.bfloat16
     p_up = patches.dtype == torch.float16 or not patches.dtype.is_floating_point
     if mode == "deterministic":
-        block_y, block_x, n_yb, n_xb = _triton_tiles(dy, dx)
+        block_y, block_x, n_yb, n_xb = _triton_tiles(dy, dx, _TRITON_GATHER_TILE)
         grid = (n_img * n_ch * dz * n_yb * n_xb,)
         tk._stitch_gather_kernel[grid](
             _triton_view(p5), _triton_view(out), w_arg, n_arg, sz, sy, sx,
@@ -418,6 +419,7 @@ def _stitch_triton(patches, shape, step, weight, norm, mode):
             *p5.stride(),
             n_yb, n_xb,
             WZ=wz, WY=wy, WX=wx, BLOCK_Y=block_y, BLOCK_X=block_x,
+            X_ALIGN=_x_align(plan.starts[-1]),
             HAS_WEIGHT=weight is not None, HAS_NORM=norm is not None,
             ACC_F64=acc == torch.float64, P_BF16=p_bf16, P_UPCAST=p_up,
             OUT_BF16=dst == torch.bfloat16, OUT_HALF=dst == torch.float16,
