@@ -157,6 +157,100 @@ def stitch_reference(
     return q.to(stitch_output_dtype(patches.dtype))
 
 
+# ============================================================ torch strided op
+# The 'torch' backend: any device torch runs on. Each axis splits into its regular patches
+# (starts k*s) and, when (D - w) % s != 0, one clamped last patch; every combination of the
+# two is one strided view, so unstitch is at most 2**ndim strided copies. Stitch adds
+# patch groups whose windows cannot overlap (k = r mod ceil(w/s), plus the clamped patch on
+# its own) one group at a time: no write conflicts, a fixed order, deterministic.
+def _axis_blocks(size: int, w: int, s: int) -> list:
+    """[(first patch k, count, start of first, stride between starts)] along one axis."""
+    n_reg = (size - w) // s + 1
+    blocks = [(0, n_reg, 0, s)]
+    if (size - w) % s:
+        blocks.append((n_reg, 1, size - w, s))
+    return blocks
+
+
+def _window_view(t: torch.Tensor, starts, counts, strides_between, window) -> torch.Tensor:
+    """Strided view ``(N, C, *counts, *window)`` of ``t`` (N, C, *S): windows at the starts."""
+    nd = len(window)
+    st = t.stride()
+    size = list(t.shape[:2]) + list(counts) + list(window)
+    stride = list(st[:2]) + [strides_between[a] * st[2 + a] for a in range(nd)] + list(st[2:])
+    offset = t.storage_offset() + sum(starts[a] * st[2 + a] for a in range(nd))
+    return t.as_strided(size, stride, offset)
+
+
+def _unstitch_torch(
+    x, window, step, weight, out_dtype, fill_mask, fill_value, positions, normalize_positions
+):
+    import itertools
+
+    nd = x.dim() - 2
+    plan = plan_for(tuple(x.shape[2:]), tuple(window), tuple(step))
+    n_img, n_ch = x.shape[:2]
+    work = out_dtype or x.dtype
+    if weight is not None and work in (torch.float16, torch.bfloat16):
+        work = torch.float32  # weight multiply in fp32, cast once at the end
+    out = torch.empty((n_img, *plan.counts, n_ch, *window), dtype=work, device=x.device)
+    # out viewed as (N, C, n0.., w0..) to match the window views
+    out_v = out.permute(0, 1 + nd, *range(1, 1 + nd), *range(2 + nd, 2 + 2 * nd))
+    per_axis = [_axis_blocks(d, w, s) for d, w, s in zip(plan.shape, window, step)]
+    for combo in itertools.product(*per_axis):
+        src = _window_view(x, [b[2] for b in combo], [b[1] for b in combo],
+                           [b[3] for b in combo], window)
+        dst = out_v[(slice(None), slice(None), *[slice(b[0], b[0] + b[1]) for b in combo])]
+        if weight is not None:
+            dst.copy_(src.to(accumulation_dtype(src.dtype)) * weight.to(device=x.device))
+        else:
+            dst.copy_(src)
+    out = out.reshape(n_img * plan.patches_per_image, n_ch, *window).to(out_dtype or x.dtype)
+    if fill_mask is not None:
+        out.masked_fill_(fill_mask.to(device=out.device, dtype=torch.bool), fill_value)
+    return _append_positions(out, plan, n_img, positions, normalize_positions)
+
+
+def _stitch_torch(patches, shape, step, weight, norm):
+    import itertools
+
+    nd = len(shape)
+    window = list(patches.shape[2:])
+    plan = plan_for(tuple(shape), tuple(window), tuple(step))
+    groups = [-(-w // s) for w, s in zip(window, step)]
+    if math.prod(groups) > 64:  # tiny steps: too many groups, the index_add path is faster
+        return stitch_reference(patches, shape, step, weight, norm)
+    n_p = plan.patches_per_image
+    n_img, n_ch = patches.shape[0] // n_p, patches.shape[1]
+    acc = accumulation_dtype(patches.dtype)
+    q = patches.to(acc)
+    if weight is not None:
+        q = q * weight.to(device=q.device, dtype=acc)
+    q = q.reshape(n_img, *plan.counts, n_ch, *window)
+    q = q.permute(0, 1 + nd, *range(1, 1 + nd), *range(2 + nd, 2 + 2 * nd))  # (N,C,n..,w..)
+    out = torch.zeros((n_img, n_ch, *shape), dtype=acc, device=patches.device)
+    per_axis = []
+    for d, w, s, g in zip(shape, window, step, groups):
+        blocks = []
+        for k0, cnt, s0, _ in _axis_blocks(d, w, s):
+            if cnt == 1:
+                blocks.append((k0, 1, s0, s))
+            else:  # split the regular patches into g non-overlapping phases
+                blocks += [(k0 + r, len(range(r, cnt, g)), s0 + r * s, g * s)
+                           for r in range(min(g, cnt))]
+        per_axis.append(blocks)
+    for combo in itertools.product(*per_axis):
+        dst = _window_view(out, [b[2] for b in combo], [b[1] for b in combo],
+                           [b[3] for b in combo], window)
+        src = q[(slice(None), slice(None),
+                 *[slice(b[0], b[0] + (b[1] - 1) * (b[3] // s) + 1, b[3] // s)
+                   for b, s in zip(combo, step)])]
+        dst.add_(src)
+    if norm is not None:
+        out = out / norm.to(device=out.device, dtype=acc)
+    return out.to(stitch_output_dtype(patches.dtype))
+
+
 # ================================================================ numba CPU op
 def _as5d(t: torch.Tensor, nd: int) -> torch.Tensor:
     """(N, C, Y, X) -> (N, C, 1, Y, X); 3-D data passes through."""
@@ -254,6 +348,7 @@ _TRITON_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.i
 _TRITON_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _STITCH_DEFAULT_MODE = "deterministic"  # GPU default for mode='auto', see benchmarks/GPU.md
 _triton_tables: dict = {}
+_triton_empty = torch.empty  # output allocator; tests swap in a NaN-filling one
 
 
 def _triton_kernels():
@@ -335,7 +430,7 @@ def _unstitch_triton(
     n_img, n_ch = x.shape[:2]
     n_pos = nd if positions else 0
     n_p = plan.patches_per_image
-    out = torch.empty((n_img * n_p, n_ch + n_pos, *window), dtype=dst, device=x.device)
+    out = _triton_empty((n_img * n_p, n_ch + n_pos, *window), dtype=dst, device=x.device)
     if out.numel() == 0:
         return out
     dev = x.device
@@ -396,7 +491,7 @@ def _stitch_triton(patches, shape, step, weight, norm, mode):
     dev = patches.device
     acc = accumulation_dtype(patches.dtype)
     dst = stitch_output_dtype(patches.dtype)
-    out = torch.empty((n_img, n_ch, *shape), dtype=dst, device=dev)
+    out = _triton_empty((n_img, n_ch, *shape), dtype=dst, device=dev)
     if out.numel() == 0:
         return out
     p5 = _lift3(patches, nd)
@@ -480,7 +575,7 @@ def _unstitch_op(
         return _unstitch_numba(*args)
     if name == "triton":
         return _unstitch_triton(*args)
-    return unstitch_reference(*args)
+    return _unstitch_torch(*args)
 
 
 @_unstitch_op.register_fake
@@ -507,7 +602,7 @@ def _stitch_op(
         return _stitch_numba(patches, shape, step, weight, norm)
     if name == "triton":
         return _stitch_triton(patches, shape, step, weight, norm, mode)
-    return stitch_reference(patches, shape, step, weight, norm)
+    return _stitch_torch(patches, shape, step, weight, norm)
 
 
 @_stitch_op.register_fake
