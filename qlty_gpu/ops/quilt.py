@@ -784,7 +784,7 @@ def stitch(
             f"got {describe(patches)}"
         )
     window, step = _check_geometry(shape, patches.shape[2:], step, "stitch")
-    n_p = math.prod(patch_count(d, w, s) for d, w, s in zip(shape, window, step))
+    n_p = math.prod([patch_count(d, w, s) for d, w, s in zip(shape, window, step)])
     if patches.shape[0] % n_p != 0:
         raise QltyShapeAssertionError(
             f"patches has {patches.shape[0]} patches, not a multiple of the {n_p} patches per "
