@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -26,7 +26,7 @@ _NUMBA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _TRITON_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
@@ -35,7 +35,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _triton_kernels_reason() -> str | None:
     """Why the Triton kernels cannot be imported, or None when they can."""
     if not _has_module("triton"):
