@@ -74,7 +74,7 @@ __all__ = [
 log = logging.getLogger("qlty_gpu.stack_to_zarr")
 
 #: Default memory budget of one batch of level-0 slices (in compute precision).
-BATCH_BYTES = 64 * 2**20
+BATCH_BYTES = 16 * 2**20
 _LAZY_GLOBALS = ("tifffile", "Image", "tqdm")
 
 
@@ -310,6 +310,8 @@ def _cast(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def _block_mean(t: torch.Tensor, fz: int, fy: int, fx: int) -> torch.Tensor:
     """Block mean of a ``(B, C, Y, X)`` batch; edge blocks average only existing pixels."""
+    # a factor larger than the axis: the single block is the whole axis
+    fz, fy, fx = min(fz, t.shape[0]), min(fy, t.shape[2]), min(fx, t.shape[3])
     if fz == 1:
         if fy == 1 and fx == 1:
             return t
