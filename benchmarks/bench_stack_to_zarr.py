@@ -26,8 +26,18 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 COLUMNS = [
-    "timestamp", "device", "case", "op", "provider", "backend", "median_ms", "gbytes", "gbps",
-    "frac_copy_bw", "peak_rss_mb", "notes",
+    "timestamp",
+    "device",
+    "case",
+    "op",
+    "provider",
+    "backend",
+    "median_ms",
+    "gbytes",
+    "gbps",
+    "frac_copy_bw",
+    "peak_rss_mb",
+    "notes",
 ]
 
 CHILD = r"""
@@ -75,7 +85,10 @@ def run_child(provider: str, src: Path, levels: int, workers: int | None) -> dic
         env["PYTHONPATH"] = str(HERE.parent) + os.pathsep + env.get("PYTHONPATH", "")
         proc = subprocess.run(
             [sys.executable, "-c", CHILD, provider, str(src), str(out), str(levels), str(workers)],
-            capture_output=True, text=True, env=env, check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
         )
         if proc.returncode != 0:
             raise RuntimeError(f"{provider} failed:\n{proc.stderr[-3000:]}")
@@ -85,12 +98,16 @@ def run_child(provider: str, src: Path, levels: int, workers: int | None) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--slices", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--levels", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workers", default="None", help="num_workers for both (default: their default)")
+    ap.add_argument(
+        "--workers", default="None", help="num_workers for both (default: their default)"
+    )
     ap.add_argument("--providers", nargs="+", default=["qlty_gpu", "qlty"])
     ap.add_argument("--csv", default=str(HERE / "results" / "cpu.csv"))
     ap.add_argument("--no-csv", action="store_true")
@@ -122,8 +139,11 @@ def main(argv: list[str] | None = None) -> int:
                     "notes": f"repeats={args.repeats} workers={args.workers} rss_after_imports={imp:.0f}MB",
                 }
                 rows.append(row)
-                print(f"{row['case']:<40} {provider:<9} {med:7.2f} s  peak RSS {rss:6.0f} MB "
-                      f"(after imports {imp:.0f} MB)", flush=True)
+                print(
+                    f"{row['case']:<40} {provider:<9} {med:7.2f} s  peak RSS {rss:6.0f} MB "
+                    f"(after imports {imp:.0f} MB)",
+                    flush=True,
+                )
         finally:
             shutil.rmtree(src, ignore_errors=True)
     if not args.no_csv:

@@ -31,7 +31,9 @@ def _parse_chunks(text: str) -> tuple[int, ...]:
     try:
         chunks = tuple(int(v) for v in text.split(","))
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--chunks must be comma-separated ints, got {text!r}") from exc
+        raise argparse.ArgumentTypeError(
+            f"--chunks must be comma-separated ints, got {text!r}"
+        ) from exc
     return chunks
 
 
@@ -66,14 +68,24 @@ def _add_stack_to_zarr(sub: argparse._SubParsersAction) -> None:
     kind.add_argument("--ome", action="store_true", help="write OME-Zarr (NGFF 0.5) pyramids")
     kind.add_argument("--laplacian", action="store_true", help="write Laplacian pyramids")
     p.add_argument("--levels", type=int, default=None, help="pyramid levels (default: automatic)")
-    p.add_argument("--axis-order", default="ZCYX", help="order for multi-channel stacks (default ZCYX)")
+    p.add_argument(
+        "--axis-order", default="ZCYX", help="order for multi-channel stacks (default ZCYX)"
+    )
     p.add_argument("--chunks", type=_parse_chunks, default=None, help="chunk shape, e.g. 1,512,512")
     p.add_argument("--dtype", default=None, help="stored dtype (default: the images')")
     p.add_argument("--downsample", choices=("2d", "3d"), default="2d", help="pyramid axes (OME)")
-    p.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"), default="bilinear",
-                   help="upsampling of the Laplacian pyramid")
-    p.add_argument("--voxel-size", type=_parse_floats, default=None,
-                   help="physical voxel size per stored axis, e.g. 2,0.5,0.5 (OME)")
+    p.add_argument(
+        "--interpolation",
+        choices=("bilinear", "bicubic", "nearest"),
+        default="bilinear",
+        help="upsampling of the Laplacian pyramid",
+    )
+    p.add_argument(
+        "--voxel-size",
+        type=_parse_floats,
+        default=None,
+        help="physical voxel size per stored axis, e.g. 2,0.5,0.5 (OME)",
+    )
     p.add_argument("--unit", default=None, help="NGFF space unit, e.g. micrometer (OME)")
     p.add_argument("--normalize", action="store_true", help="store (x - mean) / std as float32")
     p.add_argument("--fill-gaps", action="store_true", help="z = counter - min; gaps become zeros")
@@ -103,18 +115,33 @@ def _run_stack_to_zarr(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         if args.ome:
             result = s2z.stack_files_to_ome_zarr(
-                args.directory, args.extension, args.pattern, pyramid_levels=args.levels,
-                downsample_mode=args.downsample, voxel_size=args.voxel_size, unit=args.unit,
-                verbose=verbose, **common,
+                args.directory,
+                args.extension,
+                args.pattern,
+                pyramid_levels=args.levels,
+                downsample_mode=args.downsample,
+                voxel_size=args.voxel_size,
+                unit=args.unit,
+                verbose=verbose,
+                **common,
             )
         elif args.laplacian:
             result = s2z.stack_files_to_ome_zarr_laplacian(
-                args.directory, args.extension, args.pattern, pyramid_levels=args.levels,
-                interpolation_mode=args.interpolation, verbose=verbose, **common,
+                args.directory,
+                args.extension,
+                args.pattern,
+                pyramid_levels=args.levels,
+                interpolation_mode=args.interpolation,
+                verbose=verbose,
+                **common,
             )
         else:
             result = s2z.stack_files_to_zarr(
-                args.directory, args.extension, args.pattern, verbose=verbose, **common,
+                args.directory,
+                args.extension,
+                args.pattern,
+                verbose=verbose,
+                **common,
             )
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)

@@ -37,8 +37,17 @@ def test_parser_has_subcommands():
 def test_dry_run_prints_stacks_and_writes_nothing(tmp_path, capsys):
     make_slices(tmp_path / "in", "cells", 3)
     make_slices(tmp_path / "in", "nuclei", 2, counters=[0, 2])
-    rc = main(["stack-to-zarr", str(tmp_path / "in"), str(tmp_path / "out"), "--dry-run", "--ome",
-               "--levels", "2"])
+    rc = main(
+        [
+            "stack-to-zarr",
+            str(tmp_path / "in"),
+            str(tmp_path / "out"),
+            "--dry-run",
+            "--ome",
+            "--levels",
+            "2",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0
     assert "cells: 3 slices (counters 0..2), shape (3, 16, 16) ZYX uint16" in out
@@ -49,7 +58,9 @@ def test_dry_run_prints_stacks_and_writes_nothing(tmp_path, capsys):
 
 def test_plain_zarr(tmp_path, capsys):
     vol = make_slices(tmp_path / "in")
-    rc = main(["stack-to-zarr", str(tmp_path / "in"), str(tmp_path / "out"), "-q", "--chunks", "2,8,8"])
+    rc = main(
+        ["stack-to-zarr", str(tmp_path / "in"), str(tmp_path / "out"), "-q", "--chunks", "2,8,8"]
+    )
     assert rc == 0
     arr = zarr.open_array(tmp_path / "out" / "cells.zarr", mode="r")
     np.testing.assert_array_equal(arr[:], vol)
@@ -60,8 +71,21 @@ def test_ome_validates(tmp_path, capsys):
     from ome_zarr_models.v05.image import Image
 
     vol = make_slices(tmp_path / "in")
-    rc = main(["stack-to-zarr", str(tmp_path / "in"), str(tmp_path / "out"), "--ome", "--levels", "3",
-               "--unit", "micrometer", "--voxel-size", "2,0.5,0.5", "-q"])
+    rc = main(
+        [
+            "stack-to-zarr",
+            str(tmp_path / "in"),
+            str(tmp_path / "out"),
+            "--ome",
+            "--levels",
+            "3",
+            "--unit",
+            "micrometer",
+            "--voxel-size",
+            "2,0.5,0.5",
+            "-q",
+        ]
+    )
     assert rc == 0
     g = zarr.open_group(tmp_path / "out" / "cells.ome.zarr", mode="r")
     Image.from_zarr(g)
@@ -75,8 +99,19 @@ def test_laplacian_round_trip(tmp_path):
     from qlty_gpu.utils.stack_to_zarr import reconstruct_from_laplacian_pyramid
 
     vol = make_slices(tmp_path / "in", shape=(17, 13))
-    rc = main(["stack-to-zarr", str(tmp_path / "in"), str(tmp_path / "out"), "--laplacian",
-               "--levels", "3", "--interpolation", "bicubic", "-q"])
+    rc = main(
+        [
+            "stack-to-zarr",
+            str(tmp_path / "in"),
+            str(tmp_path / "out"),
+            "--laplacian",
+            "--levels",
+            "3",
+            "--interpolation",
+            "bicubic",
+            "-q",
+        ]
+    )
     assert rc == 0
     rec = reconstruct_from_laplacian_pyramid(tmp_path / "out" / "cells.ome.zarr")
     np.testing.assert_array_equal(rec, vol)
@@ -101,23 +136,63 @@ def test_custom_pattern_and_multichannel(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
     for z in range(3):
-        tifffile.imwrite(folder / f"z{z}-sample.tif", np.full((2, 8, 8), z, np.uint8), photometric="minisblack")
-    rc = main(["stack-to-zarr", str(folder), str(tmp_path / "out"), "--pattern", r"z(\d+)-(sample)\.tif",
-               "-q"])
+        tifffile.imwrite(
+            folder / f"z{z}-sample.tif", np.full((2, 8, 8), z, np.uint8), photometric="minisblack"
+        )
+    rc = main(
+        [
+            "stack-to-zarr",
+            str(folder),
+            str(tmp_path / "out"),
+            "--pattern",
+            r"z(\d+)-(sample)\.tif",
+            "-q",
+        ]
+    )
     assert rc == 1  # group 2 is not an integer -> no file matches
-    rc = main(["stack-to-zarr", str(folder), str(tmp_path / "out"), "--pattern", r"(?P<c>z)(\d+)-sample\.tif",
-               "--axis-order", "CZYX", "--ome", "--levels", "2", "-q"])
+    rc = main(
+        [
+            "stack-to-zarr",
+            str(folder),
+            str(tmp_path / "out"),
+            "--pattern",
+            r"(?P<c>z)(\d+)-sample\.tif",
+            "--axis-order",
+            "CZYX",
+            "--ome",
+            "--levels",
+            "2",
+            "-q",
+        ]
+    )
     assert rc == 0
     g = zarr.open_group(tmp_path / "out" / "z.ome.zarr", mode="r")
-    assert g["0"].shape == (2, 3, 8, 8) and g.attrs["ome"]["multiscales"][0]["axes"][0]["type"] == "channel"
+    assert (
+        g["0"].shape == (2, 3, 8, 8)
+        and g.attrs["ome"]["multiscales"][0]["axes"][0]["type"] == "channel"
+    )
 
 
 def test_subprocess_end_to_end_with_progress_bar(tmp_path):
     vol = make_slices(tmp_path / "in", n=5)
     proc = subprocess.run(
-        [sys.executable, "-m", "qlty_gpu.cli", "stack-to-zarr", str(tmp_path / "in"), str(tmp_path / "out"),
-         "--ome", "--levels", "2", "--workers", "2"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "qlty_gpu.cli",
+            "stack-to-zarr",
+            str(tmp_path / "in"),
+            str(tmp_path / "out"),
+            "--ome",
+            "--levels",
+            "2",
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "cells: 5 slices" in proc.stdout

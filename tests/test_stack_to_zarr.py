@@ -91,15 +91,33 @@ def test_zarr_single_channel_tiff(tmp_path):
     write_stack(tmp_path / "in", "cells", imgs)
     r = stack_files_to_zarr(tmp_path / "in", ".tif", PAT, output_dir=tmp_path / "out")
     info = r["cells"]
-    assert set(info) >= {"zarr_path", "shape", "dtype", "file_count", "files", "counter_range", "axis_order"}
+    assert set(info) >= {
+        "zarr_path",
+        "shape",
+        "dtype",
+        "file_count",
+        "files",
+        "counter_range",
+        "axis_order",
+    }
     assert info["shape"] == (5, 16, 12) and info["dtype"] == np.uint16
-    assert info["file_count"] == 5 and info["counter_range"] == (0, 4) and info["axis_order"] == "ZYX"
+    assert (
+        info["file_count"] == 5 and info["counter_range"] == (0, 4) and info["axis_order"] == "ZYX"
+    )
     arr = zarr.open_array(info["zarr_path"], mode="r")
     assert arr.metadata.zarr_format == 3
     np.testing.assert_array_equal(arr[:], np.stack(imgs))
     assert arr.chunks == (1, 16, 12)
     attrs = dict(arr.attrs)
-    for key in ("basename", "file_count", "counter_range", "axis_order", "files", "pattern", "extension"):
+    for key in (
+        "basename",
+        "file_count",
+        "counter_range",
+        "axis_order",
+        "files",
+        "pattern",
+        "extension",
+    ):
         assert key in attrs
     assert attrs["qlty_gpu"]["complete"] is True
     assert list(arr.metadata.dimension_names) == ["z", "y", "x"]
@@ -151,7 +169,9 @@ def test_counter_sorting_ignores_padding(tmp_path):
         r = stack_files_to_zarr(folder, ".tif", PAT, output_dir=tmp_path / "o")
     assert zarr.open_array(r["s"]["zarr_path"])[:, 0, 0].tolist() == [1, 2, 10]
     with pytest.warns(StackGapWarning):
-        r = stack_files_to_zarr(folder, ".tif", PAT, output_dir=tmp_path / "o2", sort_by_counter=False)
+        r = stack_files_to_zarr(
+            folder, ".tif", PAT, output_dir=tmp_path / "o2", sort_by_counter=False
+        )
     # deterministic file-name order (qlty used the arbitrary directory order)
     assert zarr.open_array(r["s"]["zarr_path"])[:, 0, 0].tolist() == [2, 1, 10]
 
@@ -167,7 +187,9 @@ def test_multiple_stacks_each_complete(tmp_path):
 def test_all_axis_orders_plain_zarr(tmp_path, order):
     imgs = [rand((3, 7, 9), seed=i) for i in range(4)]  # (C, Y, X) since last dim > 4
     write_stack(tmp_path, "m", imgs)
-    r = stack_files_to_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", axis_order=order.lower())
+    r = stack_files_to_zarr(
+        tmp_path, ".tif", PAT, output_dir=tmp_path / "o", axis_order=order.lower()
+    )
     zcyx = np.stack(imgs)
     expect = np.transpose(zcyx, ["ZCYX".index(a) for a in order])
     arr = zarr.open_array(r["m"]["zarr_path"])
@@ -189,8 +211,9 @@ def test_tiff_planar_cyx_with_small_x_uses_header(tmp_path):
 
 def test_custom_chunks_and_bad_chunks(tmp_path):
     write_stack(tmp_path, "a", [rand((16, 16), seed=i) for i in range(6)])
-    r = stack_files_to_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", zarr_chunks=(4, 8, 8),
-                            batch_size=1)
+    r = stack_files_to_zarr(
+        tmp_path, ".tif", PAT, output_dir=tmp_path / "o", zarr_chunks=(4, 8, 8), batch_size=1
+    )
     arr = zarr.open_array(r["a"]["zarr_path"])
     assert arr.chunks == (4, 8, 8)
     np.testing.assert_array_equal(arr[:], np.stack([rand((16, 16), seed=i) for i in range(6)]))
@@ -214,8 +237,15 @@ def test_dry_run_writes_nothing(tmp_path):
     r = stack_files_to_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", dry_run=True)
     assert r["a"]["shape"] == (3, 8, 8)
     assert not (tmp_path / "o").exists()
-    r = stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", dry_run=True,
-                                pyramid_levels=2, verbose=False)
+    r = stack_files_to_ome_zarr(
+        tmp_path,
+        ".tif",
+        PAT,
+        output_dir=tmp_path / "o",
+        dry_run=True,
+        pyramid_levels=2,
+        verbose=False,
+    )
     assert r["a"]["pyramid_levels"] == 2 and not (tmp_path / "o").exists()
 
 
@@ -223,8 +253,16 @@ def test_dry_run_writes_nothing(tmp_path):
 def test_num_workers_same_result(tmp_path, workers):
     imgs = [rand((9, 11), seed=i) for i in range(7)]
     write_stack(tmp_path, "a", imgs)
-    r = stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", num_workers=workers,
-                                pyramid_levels=2, batch_size=2, verbose=False)
+    r = stack_files_to_ome_zarr(
+        tmp_path,
+        ".tif",
+        PAT,
+        output_dir=tmp_path / "o",
+        num_workers=workers,
+        pyramid_levels=2,
+        batch_size=2,
+        verbose=False,
+    )
     g = zarr.open_group(r["a"]["zarr_path"], mode="r")
     np.testing.assert_array_equal(g["0"][:], np.stack(imgs))
 
@@ -264,7 +302,9 @@ def test_error_directory_missing(tmp_path):
 
 def test_error_pattern_groups(tmp_path):
     write_stack(tmp_path, "a", [rand((4, 4))])
-    with pytest.raises(ValueError, match="Pattern must have at least 2 groups.*Pattern has no groups"):
+    with pytest.raises(
+        ValueError, match="Pattern must have at least 2 groups.*Pattern has no groups"
+    ):
         stack_files_to_zarr(tmp_path, ".tif", r".+\.tif$")
     with pytest.raises(ValueError, match="Pattern must have at least 2 groups.*Got 1 groups"):
         stack_files_to_zarr(tmp_path, ".tif", r"(.+)_\d+\.tif$")
@@ -279,7 +319,9 @@ def test_error_no_files_matching(tmp_path):
 
 
 def test_error_unsupported_dimensions(tmp_path):
-    tifffile.imwrite(tmp_path / "v_0.tif", np.zeros((2, 3, 8, 8), np.uint8), photometric="minisblack")
+    tifffile.imwrite(
+        tmp_path / "v_0.tif", np.zeros((2, 3, 8, 8), np.uint8), photometric="minisblack"
+    )
     with pytest.raises(QltyError, match="Unsupported image dimensions: 4D"):
         stack_files_to_zarr(tmp_path, ".tif", PAT)
 
@@ -310,10 +352,13 @@ def test_error_downsample_mode_and_method(tmp_path):
 def test_error_bad_scale_factors(tmp_path):
     write_stack(tmp_path, "a", [rand((12, 12))] * 2)
     with pytest.raises(QltyError, match="multiple of the previous"):
-        stack_files_to_ome_zarr(tmp_path, ".tif", PAT, pyramid_scale_factors=[(1, 2, 2), (1, 3, 3)],
-                                verbose=False)
+        stack_files_to_ome_zarr(
+            tmp_path, ".tif", PAT, pyramid_scale_factors=[(1, 2, 2), (1, 3, 3)], verbose=False
+        )
     with pytest.raises(QltyError, match="must have 3 entries"):
-        stack_files_to_ome_zarr(tmp_path, ".tif", PAT, pyramid_scale_factors=[(2, 2)], verbose=False)
+        stack_files_to_ome_zarr(
+            tmp_path, ".tif", PAT, pyramid_scale_factors=[(2, 2)], verbose=False
+        )
 
 
 def test_error_corrupt_file_names_file(tmp_path):
@@ -391,8 +436,16 @@ def test_keyboard_interrupt_removes_partial(tmp_path, monkeypatch):
     monkeypatch.setattr(s2z, "read_image", flaky)
     out = tmp_path / "o"
     with pytest.raises(KeyboardInterrupt):
-        stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=out, batch_size=1, num_workers=1,
-                                pyramid_levels=2, verbose=False)
+        stack_files_to_ome_zarr(
+            tmp_path,
+            ".tif",
+            PAT,
+            output_dir=out,
+            batch_size=1,
+            num_workers=1,
+            pyramid_levels=2,
+            verbose=False,
+        )
     assert not list(out.glob("*.zarr")) and no_partials(out)
 
 
@@ -415,14 +468,27 @@ def _validate_ngff(path):
     [
         dict(img=(16, 16), kw=dict()),
         dict(img=(3, 16, 16), kw=dict(axis_order="CZYX")),
-        dict(img=(16, 20), kw=dict(downsample_mode="3d", unit="micrometer", voxel_size=(2.0, 0.5, 0.5))),
-        dict(img=(3, 16, 16), kw=dict(axis_order="CZYX", downsample_axes=("z", "y", "x"), unit="nanometer")),
+        dict(
+            img=(16, 20),
+            kw=dict(downsample_mode="3d", unit="micrometer", voxel_size=(2.0, 0.5, 0.5)),
+        ),
+        dict(
+            img=(3, 16, 16),
+            kw=dict(axis_order="CZYX", downsample_axes=("z", "y", "x"), unit="nanometer"),
+        ),
     ],
 )
 def test_ngff_schema_validation(tmp_path, case):
     write_stack(tmp_path, "a", [rand(case["img"], seed=i) for i in range(5)])
-    r = stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", pyramid_levels=3,
-                                verbose=False, **case["kw"])
+    r = stack_files_to_ome_zarr(
+        tmp_path,
+        ".tif",
+        PAT,
+        output_dir=tmp_path / "o",
+        pyramid_levels=3,
+        verbose=False,
+        **case["kw"],
+    )
     g = _validate_ngff(r["a"]["zarr_path"])
     ome = g.attrs["ome"]
     assert ome["version"] == "0.5"
@@ -441,8 +507,16 @@ def test_ngff_schema_validation(tmp_path, case):
 def test_ome_pyramid_values_match_reference(tmp_path):
     imgs = [rand((13, 11), np.float32, i) for i in range(5)]
     write_stack(tmp_path, "a", imgs)
-    r = stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", pyramid_levels=3,
-                                downsample_mode="3d", batch_size=4, verbose=False)
+    r = stack_files_to_ome_zarr(
+        tmp_path,
+        ".tif",
+        PAT,
+        output_dir=tmp_path / "o",
+        pyramid_levels=3,
+        downsample_mode="3d",
+        batch_size=4,
+        verbose=False,
+    )
     g = zarr.open_group(r["a"]["zarr_path"], mode="r")
     vol = np.stack(imgs).astype(np.float64)
     lvl1 = block_mean_ref(vol, (2, 2, 2))
@@ -459,8 +533,13 @@ def test_ome_pyramid_values_match_reference(tmp_path):
 def test_streaming_batches_give_identical_pyramids(tmp_path, batch):
     imgs = [rand((3, 10, 9), np.uint16, i) for i in range(9)]
     write_stack(tmp_path, "a", imgs)
-    kw = dict(output_dir=tmp_path / "o", pyramid_levels=3, axis_order="CZYX", downsample_mode="3d",
-              verbose=False)
+    kw = dict(
+        output_dir=tmp_path / "o",
+        pyramid_levels=3,
+        axis_order="CZYX",
+        downsample_mode="3d",
+        verbose=False,
+    )
     ref = stack_files_to_ome_zarr(tmp_path, ".tif", PAT, batch_size=64, **kw)
     ref_levels = [zarr.open_group(ref["a"]["zarr_path"])[str(i)][:] for i in range(3)]
     kw["output_dir"] = tmp_path / f"b{batch}"
@@ -472,19 +551,37 @@ def test_streaming_batches_give_identical_pyramids(tmp_path, batch):
 
 def test_ome_auto_levels_and_naming(tmp_path):
     assert [s2z._num_levels(d, d, None, None) for d in (200, 257, 512, 513, 1024, 4096, 9000)] == [
-        1, 2, 2, 2, 3, 5, 5
+        1,
+        2,
+        2,
+        2,
+        3,
+        5,
+        5,
     ]
     write_stack(tmp_path, "a", [rand((8, 8))] * 2)
-    r = stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", verbose=False,
-                                output_naming=lambda b: f"{b}_x.zarr")
+    r = stack_files_to_ome_zarr(
+        tmp_path,
+        ".tif",
+        PAT,
+        output_dir=tmp_path / "o",
+        verbose=False,
+        output_naming=lambda b: f"{b}_x.zarr",
+    )
     assert r["a"]["pyramid_levels"] == 1 and r["a"]["zarr_path"].endswith("a_x.ome.zarr")
     _validate_ngff(r["a"]["zarr_path"])
 
 
 def test_ome_custom_scale_factors(tmp_path):
     write_stack(tmp_path, "a", [rand((12, 12), seed=i) for i in range(2)])
-    r = stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", verbose=False,
-                                pyramid_scale_factors=[(1, 2, 2), (1, 6, 6)])
+    r = stack_files_to_ome_zarr(
+        tmp_path,
+        ".tif",
+        PAT,
+        output_dir=tmp_path / "o",
+        verbose=False,
+        pyramid_scale_factors=[(1, 2, 2), (1, 6, 6)],
+    )
     g = _validate_ngff(r["a"]["zarr_path"])
     assert g["1"].shape == (2, 6, 6) and g["2"].shape == (2, 2, 2)
     np.testing.assert_array_equal(g["2"][:], np.rint(block_mean_ref(g["0"][:], (1, 6, 6))))
@@ -494,16 +591,31 @@ def test_ome_readable_with_dask(tmp_path):
     da = pytest.importorskip("dask.array")
     imgs = [rand((3, 16, 16), seed=i) for i in range(3)]
     write_stack(tmp_path, "a", imgs)
-    r = stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", axis_order="CZYX",
-                                pyramid_levels=2, verbose=False)
+    r = stack_files_to_ome_zarr(
+        tmp_path,
+        ".tif",
+        PAT,
+        output_dir=tmp_path / "o",
+        axis_order="CZYX",
+        pyramid_levels=2,
+        verbose=False,
+    )
     x = da.from_zarr(zarr.open_group(r["a"]["zarr_path"], mode="r")["0"])
     np.testing.assert_array_equal(x.compute(), np.stack(imgs).transpose(1, 0, 2, 3))
 
 
 def test_ome_chunks_apply_to_all_levels(tmp_path):
     write_stack(tmp_path, "a", [rand((16, 16), seed=i) for i in range(4)])
-    r = stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", verbose=False,
-                                pyramid_levels=3, zarr_chunks=(2, 8, 8), batch_size=1)
+    r = stack_files_to_ome_zarr(
+        tmp_path,
+        ".tif",
+        PAT,
+        output_dir=tmp_path / "o",
+        verbose=False,
+        pyramid_levels=3,
+        zarr_chunks=(2, 8, 8),
+        batch_size=1,
+    )
     g = zarr.open_group(r["a"]["zarr_path"])
     assert g["0"].chunks == (2, 8, 8) and g["1"].chunks == (2, 8, 8) and g["2"].chunks == (2, 4, 4)
     np.testing.assert_array_equal(g["0"][:], np.stack([rand((16, 16), seed=i) for i in range(4)]))
@@ -518,7 +630,13 @@ def test_bug_dtype_does_not_leak_between_stacks(tmp_path):
     write_stack(tmp_path, "a", [rand((8, 8), np.uint16)] * 2)
     write_stack(tmp_path, "b", [rand((8, 8), np.uint8)] * 2)
     for fn in (stack_files_to_zarr, stack_files_to_ome_zarr):
-        r = fn(tmp_path, ".tif", PAT, output_dir=tmp_path / fn.__name__, **({} if fn is stack_files_to_zarr else {"verbose": False}))
+        r = fn(
+            tmp_path,
+            ".tif",
+            PAT,
+            output_dir=tmp_path / fn.__name__,
+            **({} if fn is stack_files_to_zarr else {"verbose": False}),
+        )
         assert r["a"]["dtype"] == np.uint16 and r["b"]["dtype"] == np.uint8
         path = Path(r["b"]["zarr_path"])
         arr = zarr.open_array(path) if fn is stack_files_to_zarr else zarr.open_group(path)["0"]
@@ -536,8 +654,15 @@ def test_bug_chunks_do_not_leak_between_stacks(tmp_path):
 def test_bug_scale_factors_do_not_leak_between_stacks(tmp_path):
     write_stack(tmp_path, "a", [rand((3, 16, 16))] * 2)
     write_stack(tmp_path, "b", [rand((16, 16))] * 2)
-    r = stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", axis_order="CZYX",
-                                pyramid_levels=2, verbose=False)
+    r = stack_files_to_ome_zarr(
+        tmp_path,
+        ".tif",
+        PAT,
+        output_dir=tmp_path / "o",
+        axis_order="CZYX",
+        pyramid_levels=2,
+        verbose=False,
+    )
     ga = _validate_ngff(r["a"]["zarr_path"])
     gb = _validate_ngff(r["b"]["zarr_path"])
     sa = ga.attrs["ome"]["multiscales"][0]["datasets"][1]["coordinateTransformations"][0]["scale"]
@@ -554,8 +679,9 @@ def test_bug_normalize_integer_does_not_wrap(tmp_path):
     vol = np.stack(imgs).astype(np.float64)
     np.testing.assert_allclose(out, (vol - vol.mean()) / vol.std(), rtol=1e-4, atol=1e-4)
     # OME: per image when no statistics are given
-    r = stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "p", normalize=True,
-                                verbose=False)
+    r = stack_files_to_ome_zarr(
+        tmp_path, ".tif", PAT, output_dir=tmp_path / "p", normalize=True, verbose=False
+    )
     lvl0 = zarr.open_group(r["a"]["zarr_path"])["0"][:]
     np.testing.assert_allclose(lvl0.mean(axis=(1, 2)), 0, atol=1e-4)
     np.testing.assert_allclose(lvl0.std(axis=(1, 2)), 1, atol=1e-3)
@@ -566,8 +692,15 @@ def test_bug_normalize_integer_does_not_wrap(tmp_path):
 def test_bug_czyx_channels_not_corrupted(tmp_path):
     imgs = [np.stack([np.full((8, 8), 10 * c + z, np.uint16) for c in range(3)]) for z in range(4)]
     write_stack(tmp_path, "a", imgs)
-    r = stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", axis_order="CZYX",
-                                pyramid_levels=2, verbose=False)
+    r = stack_files_to_ome_zarr(
+        tmp_path,
+        ".tif",
+        PAT,
+        output_dir=tmp_path / "o",
+        axis_order="CZYX",
+        pyramid_levels=2,
+        verbose=False,
+    )
     g = zarr.open_group(r["a"]["zarr_path"])
     np.testing.assert_array_equal(g["0"][:], np.stack(imgs).transpose(1, 0, 2, 3))
     assert g["1"][:, 0].max(axis=(1, 2)).tolist() == [0, 10, 20]  # qlty: [0, 0, 0] after channel 0
@@ -578,8 +711,15 @@ def test_bug_nonstandard_axis_order_downsamples_y_not_c(tmp_path):
     imgs = [rand((3, 33, 35), np.float32, z) for z in range(3)]
     write_stack(tmp_path, "a", imgs)
     with pytest.warns(NGFFConformanceWarning):
-        r = stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", axis_order="ZYCX",
-                                    pyramid_levels=2, verbose=False)
+        r = stack_files_to_ome_zarr(
+            tmp_path,
+            ".tif",
+            PAT,
+            output_dir=tmp_path / "o",
+            axis_order="ZYCX",
+            pyramid_levels=2,
+            verbose=False,
+        )
     g = zarr.open_group(r["a"]["zarr_path"])
     assert g["1"].shape == (3, 17, 3, 18)  # qlty: (3, 33, 2, 18)
     zcyx = np.stack(imgs).astype(np.float64)
@@ -590,8 +730,15 @@ def test_bug_nonstandard_axis_order_downsamples_y_not_c(tmp_path):
 def test_bug_axes_metadata_follows_axis_order(tmp_path):
     write_stack(tmp_path, "a", [rand((3, 8, 8))] * 2)
     with pytest.warns(NGFFConformanceWarning, match="CZYX"):
-        r = stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", axis_order="ZYCX",
-                                    pyramid_levels=2, verbose=False)
+        r = stack_files_to_ome_zarr(
+            tmp_path,
+            ".tif",
+            PAT,
+            output_dir=tmp_path / "o",
+            axis_order="ZYCX",
+            pyramid_levels=2,
+            verbose=False,
+        )
     g = zarr.open_group(r["a"]["zarr_path"])
     assert "ome" not in g.attrs  # never claim NGFF for a layout NGFF forbids
     ms = g.attrs["qlty_gpu"]["multiscales"][0]
@@ -603,8 +750,15 @@ def test_bug_axes_metadata_follows_axis_order(tmp_path):
 def test_bug_z_in_downsample_axes_downsamples_z(tmp_path):
     imgs = [np.full((37, 41), z, np.float32) for z in range(3)]
     write_stack(tmp_path, "a", imgs)
-    r = stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", pyramid_levels=2,
-                                downsample_axes=("z", "y", "x"), verbose=False)
+    r = stack_files_to_ome_zarr(
+        tmp_path,
+        ".tif",
+        PAT,
+        output_dir=tmp_path / "o",
+        pyramid_levels=2,
+        downsample_axes=("z", "y", "x"),
+        verbose=False,
+    )
     g = _validate_ngff(r["a"]["zarr_path"])
     assert g["1"].shape == (2, 19, 21)  # qlty: (3, 19, 21) while claiming scale [2, 2, 2]
     assert g["1"][:, 0, 0].tolist() == [0.5, 2.0]
@@ -628,9 +782,16 @@ def test_bug_per_image_errors_are_raised_not_swallowed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(s2z, "read_image", failing)
     for workers in (1, 4):
-        with pytest.raises(QltyError, match=r"failed: OSError: disk on fire"):
-            stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", num_workers=workers,
-                                    verbose=False, batch_size=3)
+        with pytest.raises(QltyError, match=rf"{re.escape(str(paths[7]))}.*OSError: disk on fire"):
+            stack_files_to_ome_zarr(
+                tmp_path,
+                ".tif",
+                PAT,
+                output_dir=tmp_path / "o",
+                num_workers=workers,
+                verbose=False,
+                batch_size=3,
+            )
         assert not (tmp_path / "o" / "a.ome.zarr").exists()
 
 
@@ -639,11 +800,21 @@ def test_bug_downsample_method_not_ignored(tmp_path):
     write_stack(tmp_path, "a", imgs)
     out = {}
     for m in ("dask_coarsen", "scipy_zoom"):
-        r = stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / m, pyramid_levels=2,
-                                    downsample_method=m, verbose=False)
+        r = stack_files_to_ome_zarr(
+            tmp_path,
+            ".tif",
+            PAT,
+            output_dir=tmp_path / m,
+            pyramid_levels=2,
+            downsample_method=m,
+            verbose=False,
+        )
         g = zarr.open_group(r["a"]["zarr_path"])
         out[m] = g["1"][:]
-        assert g.attrs["ome"]["multiscales"][0]["metadata"]["method"] in ("block mean", "antialiased bilinear (y, x)")
+        assert g.attrs["ome"]["multiscales"][0]["metadata"]["method"] in (
+            "block mean",
+            "antialiased bilinear (y, x)",
+        )
     assert out["dask_coarsen"].shape == out["scipy_zoom"].shape
     assert not np.allclose(out["dask_coarsen"], out["scipy_zoom"])
 
@@ -651,8 +822,9 @@ def test_bug_downsample_method_not_ignored(tmp_path):
 def test_bug_edge_blocks_not_zero_padded(tmp_path):
     imgs = [np.full((5, 5), 500, np.uint16)] * 2
     write_stack(tmp_path, "a", imgs)
-    r = stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", pyramid_levels=2,
-                                verbose=False)
+    r = stack_files_to_ome_zarr(
+        tmp_path, ".tif", PAT, output_dir=tmp_path / "o", pyramid_levels=2, verbose=False
+    )
     lvl1 = zarr.open_group(r["a"]["zarr_path"])["1"][:]
     assert lvl1.shape == (2, 3, 3) and (lvl1 == 500).all()  # qlty: last row/col 250 or 125
 
@@ -660,16 +832,24 @@ def test_bug_edge_blocks_not_zero_padded(tmp_path):
 def test_bug_integer_pyramid_rounds_not_truncates(tmp_path):
     imgs = [np.array([[1, 2], [2, 2]], np.uint8)] * 2  # mean 1.75
     write_stack(tmp_path, "a", imgs)
-    r = stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", pyramid_levels=2,
-                                verbose=False)
+    r = stack_files_to_ome_zarr(
+        tmp_path, ".tif", PAT, output_dir=tmp_path / "o", pyramid_levels=2, verbose=False
+    )
     assert zarr.open_group(r["a"]["zarr_path"])["1"][:].ravel().tolist() == [2, 2]  # qlty: 1
 
 
 def test_bug_laplacian_integer_roundtrip_exact(tmp_path):
     imgs = [rand((19, 23), np.uint16, i) for i in range(3)]
     write_stack(tmp_path, "a", imgs)
-    r = stack_files_to_ome_zarr_laplacian(tmp_path, ".tif", PAT, output_dir=tmp_path / "o",
-                                          pyramid_levels=3, verbose=False, batch_size=2)
+    r = stack_files_to_ome_zarr_laplacian(
+        tmp_path,
+        ".tif",
+        PAT,
+        output_dir=tmp_path / "o",
+        pyramid_levels=3,
+        verbose=False,
+        batch_size=2,
+    )
     g = zarr.open_group(r["a"]["zarr_path"])
     assert g["diff_0"][:].min() < 0  # negative differences survive (qlty clipped them to 0)
     rec = reconstruct_from_laplacian_pyramid(r["a"]["zarr_path"])
@@ -680,18 +860,28 @@ def test_bug_laplacian_integer_roundtrip_exact(tmp_path):
 def test_bug_laplacian_invalid_interpolation_mode_raises(tmp_path):
     write_stack(tmp_path, "a", [rand((8, 8))] * 2)
     with pytest.raises(QltyError, match="interpolation_mode must be one of"):
-        stack_files_to_ome_zarr_laplacian(tmp_path, ".tif", PAT, interpolation_mode="lanczos",
-                                          verbose=False)
+        stack_files_to_ome_zarr_laplacian(
+            tmp_path, ".tif", PAT, interpolation_mode="lanczos", verbose=False
+        )
     assert not (tmp_path / "a.ome.zarr").exists()
 
 
 def test_bug_laplacian_has_metadata(tmp_path):
     write_stack(tmp_path, "a", [rand((16, 16))] * 2)
-    r = stack_files_to_ome_zarr_laplacian(tmp_path, ".tif", PAT, output_dir=tmp_path / "o",
-                                          pyramid_levels=3, interpolation_mode="bicubic", verbose=False)
+    r = stack_files_to_ome_zarr_laplacian(
+        tmp_path,
+        ".tif",
+        PAT,
+        output_dir=tmp_path / "o",
+        pyramid_levels=3,
+        interpolation_mode="bicubic",
+        verbose=False,
+    )
     g = zarr.open_group(r["a"]["zarr_path"])
     meta = g.attrs["laplacian_pyramid"]
-    assert meta["levels"] == 3 and meta["base_level"] == "2" and meta["diffs"] == ["diff_0", "diff_1"]
+    assert (
+        meta["levels"] == 3 and meta["base_level"] == "2" and meta["diffs"] == ["diff_0", "diff_1"]
+    )
     assert meta["interpolation_mode"] == "bicubic" and "interpolate" in meta["reconstruction"]
     assert g.attrs["basename"] == "a" and g.attrs["qlty_gpu"]["complete"] is True
     assert g["2"].shape == (2, 4, 4) and g["2"].chunks == (1, 4, 4)  # chunks of its own shape
@@ -704,8 +894,15 @@ def test_bug_laplacian_czyx_and_zycx_roundtrip(tmp_path):
     for order in ("CZYX", "ZYCX", "ZCYX"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            r = stack_files_to_ome_zarr_laplacian(tmp_path, ".tif", PAT, output_dir=tmp_path / order,
-                                                  axis_order=order, pyramid_levels=3, verbose=False)
+            r = stack_files_to_ome_zarr_laplacian(
+                tmp_path,
+                ".tif",
+                PAT,
+                output_dir=tmp_path / order,
+                axis_order=order,
+                pyramid_levels=3,
+                verbose=False,
+            )
         rec = reconstruct_from_laplacian_pyramid(r["a"]["zarr_path"])
         np.testing.assert_array_equal(rec, np.transpose(zcyx, ["ZCYX".index(a) for a in order]))
 
@@ -713,8 +910,15 @@ def test_bug_laplacian_czyx_and_zycx_roundtrip(tmp_path):
 def test_bug_laplacian_store_base_level_false_clear_error(tmp_path):
     write_stack(tmp_path, "a", [rand((8, 8))] * 2)
     with pytest.warns(UserWarning, match="cannot be reconstructed"):
-        r = stack_files_to_ome_zarr_laplacian(tmp_path, ".tif", PAT, output_dir=tmp_path / "o",
-                                              pyramid_levels=2, store_base_level=False, verbose=False)
+        r = stack_files_to_ome_zarr_laplacian(
+            tmp_path,
+            ".tif",
+            PAT,
+            output_dir=tmp_path / "o",
+            pyramid_levels=2,
+            store_base_level=False,
+            verbose=False,
+        )
     with pytest.raises(QltyError, match="Base level not found.*store_base_level=False"):
         reconstruct_from_laplacian_pyramid(r["a"]["zarr_path"])
 
@@ -722,7 +926,9 @@ def test_bug_laplacian_store_base_level_false_clear_error(tmp_path):
 def test_bug_laplacian_z_downsampling_rejected(tmp_path):
     write_stack(tmp_path, "a", [rand((8, 8))] * 2)
     with pytest.raises(QltyError, match="y and x only"):
-        stack_files_to_ome_zarr_laplacian(tmp_path, ".tif", PAT, downsample_mode="3d", verbose=False)
+        stack_files_to_ome_zarr_laplacian(
+            tmp_path, ".tif", PAT, downsample_mode="3d", verbose=False
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -737,8 +943,15 @@ def test_laplacian_roundtrip_exact(tmp_path, dtype, mode):
     if np.dtype(dtype).kind == "f":
         imgs = [(i * 1000 - 300).astype(dtype) for i in imgs]
     write_stack(tmp_path, "a", imgs)
-    r = stack_files_to_ome_zarr_laplacian(tmp_path, ".tif", PAT, output_dir=tmp_path / "o",
-                                          pyramid_levels=4, interpolation_mode=mode, verbose=False)
+    r = stack_files_to_ome_zarr_laplacian(
+        tmp_path,
+        ".tif",
+        PAT,
+        output_dir=tmp_path / "o",
+        pyramid_levels=4,
+        interpolation_mode=mode,
+        verbose=False,
+    )
     rec = reconstruct_from_laplacian_pyramid(r["a"]["zarr_path"])
     assert rec.dtype == dtype
     np.testing.assert_array_equal(rec, np.stack(imgs))  # bit-exact
@@ -749,12 +962,17 @@ def test_laplacian_roundtrip_exact(tmp_path, dtype, mode):
 def test_laplacian_target_level_output_zarr_and_mode_check(tmp_path):
     imgs = [rand((16, 16), np.float32, i) for i in range(3)]
     write_stack(tmp_path, "a", imgs)
-    r = stack_files_to_ome_zarr_laplacian(tmp_path, ".tif", PAT, output_dir=tmp_path / "o",
-                                          pyramid_levels=3, verbose=False)
+    r = stack_files_to_ome_zarr_laplacian(
+        tmp_path, ".tif", PAT, output_dir=tmp_path / "o", pyramid_levels=3, verbose=False
+    )
     path = r["a"]["zarr_path"]
     lvl1 = reconstruct_from_laplacian_pyramid(path, target_level=1)
-    np.testing.assert_allclose(lvl1, block_mean_ref(np.stack(imgs), (1, 2, 2)), rtol=1e-5, atol=1e-6)
-    out = reconstruct_from_laplacian_pyramid(path, output_zarr_path=tmp_path / "rec.zarr", batch_size=2)
+    np.testing.assert_allclose(
+        lvl1, block_mean_ref(np.stack(imgs), (1, 2, 2)), rtol=1e-5, atol=1e-6
+    )
+    out = reconstruct_from_laplacian_pyramid(
+        path, output_zarr_path=tmp_path / "rec.zarr", batch_size=2
+    )
     assert out == str(tmp_path / "rec.zarr")
     np.testing.assert_array_equal(zarr.open_array(out)[:], np.stack(imgs))
     with pytest.raises(QltyError, match="does not match"):
@@ -772,8 +990,15 @@ def test_reconstruct_qlty_written_pyramid_matches_qlty(tmp_path):
     import io
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        r = qs.stack_files_to_ome_zarr_laplacian(str(tmp_path), ".tif", PAT, output_dir=str(tmp_path / "q"),
-                                                 pyramid_levels=2, num_workers=1, verbose=False)
+        r = qs.stack_files_to_ome_zarr_laplacian(
+            str(tmp_path),
+            ".tif",
+            PAT,
+            output_dir=str(tmp_path / "q"),
+            pyramid_levels=2,
+            num_workers=1,
+            verbose=False,
+        )
         theirs = qs.reconstruct_from_laplacian_pyramid(r["a"]["zarr_path"], num_workers=1)
     ours = reconstruct_from_laplacian_pyramid(r["a"]["zarr_path"])
     np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
@@ -810,27 +1035,46 @@ def test_matches_qlty_where_qlty_is_right(tmp_path):
         src = tmp_path / f"in_{name}"
         write_stack(src, name, stack)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            q = qs.stack_files_to_zarr(str(src), ".tif", PAT, output_dir=str(tmp_path / "q"), num_workers=1)
-            qo = qs.stack_files_to_ome_zarr(str(src), ".tif", PAT, output_dir=str(tmp_path / "qo"),
-                                            num_workers=1, pyramid_levels=2, verbose=False)
+            q = qs.stack_files_to_zarr(
+                str(src), ".tif", PAT, output_dir=str(tmp_path / "q"), num_workers=1
+            )
+            qo = qs.stack_files_to_ome_zarr(
+                str(src),
+                ".tif",
+                PAT,
+                output_dir=str(tmp_path / "qo"),
+                num_workers=1,
+                pyramid_levels=2,
+                verbose=False,
+            )
         o = stack_files_to_zarr(src, ".tif", PAT, output_dir=tmp_path / "o")
-        oo = stack_files_to_ome_zarr(src, ".tif", PAT, output_dir=tmp_path / "oo", pyramid_levels=2,
-                                     verbose=False)
+        oo = stack_files_to_ome_zarr(
+            src, ".tif", PAT, output_dir=tmp_path / "oo", pyramid_levels=2, verbose=False
+        )
         assert set(q[name]) <= set(o[name])
         for key in ("shape", "dtype", "file_count", "counter_range", "axis_order"):
             assert q[name][key] == o[name][key]
-        np.testing.assert_array_equal(zarr.open_array(q[name]["zarr_path"])[:],
-                                      zarr.open_array(o[name]["zarr_path"])[:])
+        np.testing.assert_array_equal(
+            zarr.open_array(q[name]["zarr_path"])[:], zarr.open_array(o[name]["zarr_path"])[:]
+        )
         qa = dict(zarr.open_array(q[name]["zarr_path"]).attrs)
         oa = dict(zarr.open_array(o[name]["zarr_path"]).attrs)
         assert {k: v for k, v in oa.items() if k in qa} == qa
-        assert set(qo[name]) <= set(oo[name]) and qo[name]["pyramid_levels"] == oo[name]["pyramid_levels"]
+        assert (
+            set(qo[name]) <= set(oo[name])
+            and qo[name]["pyramid_levels"] == oo[name]["pyramid_levels"]
+        )
         # level 0 always agrees; level 1 too for divisible float ZCYX data (qlty is right there)
-        np.testing.assert_array_equal(zarr.open_group(qo[name]["zarr_path"])["0"][:],
-                                      zarr.open_group(oo[name]["zarr_path"])["0"][:])
+        np.testing.assert_array_equal(
+            zarr.open_group(qo[name]["zarr_path"])["0"][:],
+            zarr.open_group(oo[name]["zarr_path"])["0"][:],
+        )
         if name == "m":
-            np.testing.assert_allclose(zarr.open_group(qo[name]["zarr_path"])["1"][:],
-                                       zarr.open_group(oo[name]["zarr_path"])["1"][:], rtol=1e-6)
+            np.testing.assert_allclose(
+                zarr.open_group(qo[name]["zarr_path"])["1"][:],
+                zarr.open_group(oo[name]["zarr_path"])["1"][:],
+                rtol=1e-6,
+            )
 
 
 def test_private_helpers_compat():
@@ -870,7 +1114,15 @@ def test_peak_memory_independent_of_depth(tmp_path, which):
     peaks = {}
     for n in (8, 32):
         write_stack(tmp_path / f"s{n}", "a", [rand((128, 128), np.uint16, i % 4) for i in range(n)])
-    fn(tmp_path / "s8", ".tif", PAT, output_dir=tmp_path / "warm", num_workers=1, batch_size=4, **kw)
+    fn(
+        tmp_path / "s8",
+        ".tif",
+        PAT,
+        output_dir=tmp_path / "warm",
+        num_workers=1,
+        batch_size=4,
+        **kw,
+    )
     for n in (8, 32):
         peaks[n] = _peak_bytes(tmp_path / f"s{n}", tmp_path / f"o{n}", fn, **kw)
     stack_bytes_32 = 32 * 128 * 128 * 2
@@ -888,9 +1140,12 @@ def test_bug_quiet_runs_print_nothing(tmp_path, capfd):
     write_stack(tmp_path, "a", [rand((8, 8))] * 2)
     stack_files_to_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o")
     stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", verbose=False)
-    stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "d", verbose=False, dry_run=True)
-    stack_files_to_ome_zarr_laplacian(tmp_path, ".tif", PAT, output_dir=tmp_path / "l", verbose=False,
-                                      pyramid_levels=2)
+    stack_files_to_ome_zarr(
+        tmp_path, ".tif", PAT, output_dir=tmp_path / "d", verbose=False, dry_run=True
+    )
+    stack_files_to_ome_zarr_laplacian(
+        tmp_path, ".tif", PAT, output_dir=tmp_path / "l", verbose=False, pyramid_levels=2
+    )
     out, err = capfd.readouterr()
     assert out == "" and err == ""
 
@@ -905,8 +1160,9 @@ def test_bug_each_image_decoded_once(tmp_path, monkeypatch):
         return real(path, **kw)
 
     monkeypatch.setattr(s2z, "read_image", counting)
-    stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", pyramid_levels=3,
-                            verbose=False)
+    stack_files_to_ome_zarr(
+        tmp_path, ".tif", PAT, output_dir=tmp_path / "o", pyramid_levels=3, verbose=False
+    )
     assert sorted(calls) == sorted(f"a_{i}.tif" for i in range(6))  # qlty: 2-3 reads per file
 
 
@@ -916,43 +1172,83 @@ def test_bug_reconstruct_axis_order_from_metadata_not_shape(tmp_path):
     write_stack(tmp_path, "a", imgs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NGFFConformanceWarning)
-        r = stack_files_to_ome_zarr_laplacian(tmp_path, ".tif", PAT, output_dir=tmp_path / "o",
-                                              axis_order="ZCYX", pyramid_levels=2, verbose=False)
+        r = stack_files_to_ome_zarr_laplacian(
+            tmp_path,
+            ".tif",
+            PAT,
+            output_dir=tmp_path / "o",
+            axis_order="ZCYX",
+            pyramid_levels=2,
+            verbose=False,
+        )
     rec = reconstruct_from_laplacian_pyramid(r["a"]["zarr_path"])
     np.testing.assert_array_equal(rec, np.stack(imgs))
-    np.testing.assert_array_equal(reconstruct_from_laplacian_pyramid(r["a"]["zarr_path"], z_idx=1), imgs[1])
+    np.testing.assert_array_equal(
+        reconstruct_from_laplacian_pyramid(r["a"]["zarr_path"], z_idx=1), imgs[1]
+    )
 
 
 def test_bug_multi_z_chunks_with_workers_are_race_free(tmp_path):
     imgs = [rand((12, 12), np.uint16, i) for i in range(9)]
     write_stack(tmp_path, "a", imgs)
-    r = stack_files_to_ome_zarr_laplacian(tmp_path, ".tif", PAT, output_dir=tmp_path / "o",
-                                          zarr_chunks=(4, 3, 3), num_workers=4, pyramid_levels=2,
-                                          batch_size=1, verbose=False)
+    r = stack_files_to_ome_zarr_laplacian(
+        tmp_path,
+        ".tif",
+        PAT,
+        output_dir=tmp_path / "o",
+        zarr_chunks=(4, 3, 3),
+        num_workers=4,
+        pyramid_levels=2,
+        batch_size=1,
+        verbose=False,
+    )
     g = zarr.open_group(r["a"]["zarr_path"])
     assert g["1"].chunks == (4, 3, 3)
-    np.testing.assert_array_equal(reconstruct_from_laplacian_pyramid(r["a"]["zarr_path"]), np.stack(imgs))
-    r = stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "p", zarr_chunks=(4, 6, 6),
-                                num_workers=4, batch_size=1, pyramid_levels=2, verbose=False)
+    np.testing.assert_array_equal(
+        reconstruct_from_laplacian_pyramid(r["a"]["zarr_path"]), np.stack(imgs)
+    )
+    r = stack_files_to_ome_zarr(
+        tmp_path,
+        ".tif",
+        PAT,
+        output_dir=tmp_path / "p",
+        zarr_chunks=(4, 6, 6),
+        num_workers=4,
+        batch_size=1,
+        pyramid_levels=2,
+        verbose=False,
+    )
     np.testing.assert_array_equal(zarr.open_group(r["a"]["zarr_path"])["0"][:], np.stack(imgs))
 
 
 def test_bug_single_level_laplacian_reconstructs(tmp_path):
     imgs = [rand((8, 8), seed=i) for i in range(2)]
     write_stack(tmp_path, "a", imgs)
-    r = stack_files_to_ome_zarr_laplacian(tmp_path, ".tif", PAT, output_dir=tmp_path / "o",
-                                          pyramid_levels=1, verbose=False)
-    np.testing.assert_array_equal(reconstruct_from_laplacian_pyramid(r["a"]["zarr_path"]), np.stack(imgs))
+    r = stack_files_to_ome_zarr_laplacian(
+        tmp_path, ".tif", PAT, output_dir=tmp_path / "o", pyramid_levels=1, verbose=False
+    )
+    np.testing.assert_array_equal(
+        reconstruct_from_laplacian_pyramid(r["a"]["zarr_path"]), np.stack(imgs)
+    )
 
 
 def test_bug_nearest_interpolation_supported(tmp_path):
     imgs = [rand((11, 9), np.uint8, i) for i in range(2)]
     write_stack(tmp_path, "a", imgs)
-    r = stack_files_to_ome_zarr_laplacian(tmp_path, ".tif", PAT, output_dir=tmp_path / "o",
-                                          pyramid_levels=3, interpolation_mode="nearest", verbose=False)
+    r = stack_files_to_ome_zarr_laplacian(
+        tmp_path,
+        ".tif",
+        PAT,
+        output_dir=tmp_path / "o",
+        pyramid_levels=3,
+        interpolation_mode="nearest",
+        verbose=False,
+    )
     g = zarr.open_group(r["a"]["zarr_path"])
     assert np.abs(g["diff_0"][:]).max() > 0  # qlty: all-zero diffs after a swallowed error
-    np.testing.assert_array_equal(reconstruct_from_laplacian_pyramid(r["a"]["zarr_path"]), np.stack(imgs))
+    np.testing.assert_array_equal(
+        reconstruct_from_laplacian_pyramid(r["a"]["zarr_path"]), np.stack(imgs)
+    )
 
 
 def test_bug_no_invalid_omero_block(tmp_path):

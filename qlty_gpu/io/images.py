@@ -92,7 +92,9 @@ def _no_library(path: Path) -> ImageReadError:
     return err
 
 
-def read_image(path: str | os.PathLike, *, tifffile: Any = AUTO, pil_image: Any = AUTO) -> np.ndarray:
+def read_image(
+    path: str | os.PathLike, *, tifffile: Any = AUTO, pil_image: Any = AUTO
+) -> np.ndarray:
     """Read an image file as it is stored (``(Y, X)``, ``(Y, X, C)`` or ``(C, Y, X)``).
 
     Args:
@@ -199,7 +201,9 @@ _PIL_DTYPES = {
 }
 
 
-def probe_image(path: str | os.PathLike, *, tifffile: Any = AUTO, pil_image: Any = AUTO) -> ImageProbe:
+def probe_image(
+    path: str | os.PathLike, *, tifffile: Any = AUTO, pil_image: Any = AUTO
+) -> ImageProbe:
     """Read only the header of an image: its shape, channel layout and dtype.
 
     Args:
@@ -243,7 +247,9 @@ def probe_image(path: str | os.PathLike, *, tifffile: Any = AUTO, pil_image: Any
             shape = (height, width) if bands == 1 else (height, width, bands)
             dt = _PIL_DTYPES.get(mode)
             hint = "YXC" if bands > 1 else None
-            return ImageProbe(path, shape, _layout_for(shape, hint, path), None if dt is None else np.dtype(dt))
+            return ImageProbe(
+                path, shape, _layout_for(shape, hint, path), None if dt is None else np.dtype(dt)
+            )
     except (ImageReadError, QltyError):
         raise
     except Exception as exc:

@@ -88,7 +88,9 @@ def compile_pattern(pattern: str | re.Pattern) -> re.Pattern:
         try:
             pattern = re.compile(pattern)
         except re.error as exc:
-            raise QltyError(f"pattern {pattern!r} is not a valid regular expression: {exc}") from exc
+            raise QltyError(
+                f"pattern {pattern!r} is not a valid regular expression: {exc}"
+            ) from exc
     elif not isinstance(pattern, re.Pattern):
         raise QltyTypeError(
             f"pattern must be a regex string or compiled pattern, got {type(pattern).__name__}"
@@ -169,7 +171,9 @@ def find_stacks(
 def describe_no_match(directory: str | os.PathLike, extension: str, pattern: re.Pattern) -> str:
     """A message explaining why no file matched (used when a search finds no stack)."""
     directory = Path(directory)
-    with_ext = sorted(p.name for p in directory.iterdir() if p.suffix.lower() == extension and p.is_file())
+    with_ext = sorted(
+        p.name for p in directory.iterdir() if p.suffix.lower() == extension and p.is_file()
+    )
     if not with_ext:
         return (
             f"no files matching: no file in {directory} has extension {extension!r} "

@@ -336,7 +336,9 @@ def _upsample(t: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor
     """Upsample ``(B, C, y, x)`` to ``size`` exactly as qlty's Laplacian code does."""
     if mode == "nearest":
         return F.interpolate(t, size=size, mode="nearest")
-    return F.interpolate(t, size=size, mode=mode, align_corners=False, antialias=(mode == "bicubic"))
+    return F.interpolate(
+        t, size=size, mode=mode, align_corners=False, antialias=(mode == "bicubic")
+    )
 
 
 def _to_order(batch: np.ndarray, plan: _Plan) -> np.ndarray:
@@ -436,8 +438,17 @@ class _Reader:
 
         def work(z: int) -> None:
             path = self.file_at.get(z)
-            if path is not None:
+            if path is None:
+                return
+            try:
                 out[z - z0] = self._convert(self._read_one(path))
+            except QltyError:
+                raise
+            except Exception as exc:
+                raise ImageReadError(
+                    f"Cannot load image {path} (slice z={z} of stack '{p.stack.basename}'): "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
 
         zs = range(z0, z1)
         if self.pool is None:
@@ -460,7 +471,9 @@ class _Reader:
             yield z0, z1, data
 
 
-def _global_stats(plan: _Plan, mean: float | None, std: float | None, workers: int | None) -> tuple[float, float]:
+def _global_stats(
+    plan: _Plan, mean: float | None, std: float | None, workers: int | None
+) -> tuple[float, float]:
     """Streaming global mean and pooled std over every slice of a stack (float64 sums)."""
     libs = _libs()
     total = 0.0
@@ -674,13 +687,26 @@ def stack_files_to_zarr(
         plan = _plan_stack(st, axis_order, dtype, fill_gaps, normalize)
         out_path = _output_path(st.basename, directory, output_dir, output_naming, ome=False)
         shape = plan.shape
-        chunks = _default_chunks(plan, shape) if zarr_chunks is None else _check_chunks(zarr_chunks, shape, plan.axis_order)
+        chunks = (
+            _default_chunks(plan, shape)
+            if zarr_chunks is None
+            else _check_chunks(zarr_chunks, shape, plan.axis_order)
+        )
         if not dry_run:
             zc = chunks[plan.axis_order.index("Z")]
             batch = _batch_size(plan, zc, batch_size)
             stats = _stats_for(plan, normalize, normalize_mean, normalize_std, False, num_workers)
-            _write_plain(plan, out_path, shape, chunks, batch, num_workers, stats, verbose,
-                         _base_attrs(plan, regex, ext))
+            _write_plain(
+                plan,
+                out_path,
+                shape,
+                chunks,
+                batch,
+                num_workers,
+                stats,
+                verbose,
+                _base_attrs(plan, regex, ext),
+            )
         results[st.basename] = _result(plan, out_path, chunks=chunks)
     return results
 
@@ -697,7 +723,8 @@ def _write_plain(plan, out_path, shape, chunks, batch, num_workers, stats, verbo
                 shape=shape,
                 chunks=chunks,
                 dtype=plan.dtype,
-                fill_value=0, compressors=_compressors(),
+                fill_value=0,
+                compressors=_compressors(),
                 dimension_names=list(plan.axis_order.lower()),
             )
             for z0, z1, data in reader.batches(_batch_bounds(plan.Z, batch)):
@@ -722,7 +749,11 @@ def _num_levels(Y: int, X: int, pyramid_levels: int | None, scale_factors: Any) 
     if scale_factors is not None:
         return len(scale_factors) + 1
     if pyramid_levels is not None:
-        if not isinstance(pyramid_levels, int) or isinstance(pyramid_levels, bool) or pyramid_levels < 1:
+        if (
+            not isinstance(pyramid_levels, int)
+            or isinstance(pyramid_levels, bool)
+            or pyramid_levels < 1
+        ):
             raise QltyError(f"pyramid_levels must be a positive int, got {pyramid_levels!r}")
         return pyramid_levels
     levels, dim = 1, min(Y, X)
@@ -749,7 +780,9 @@ def _downsample_axes(downsample_mode: str, downsample_axes: Any) -> set[str]:
     raise QltyError(f"Invalid downsample_mode: {downsample_mode!r}. Must be '2d' or '3d'.")
 
 
-def _cumulative_factors(plan: _Plan, levels: int, axes: set[str], scale_factors: Any) -> list[tuple[int, ...]]:
+def _cumulative_factors(
+    plan: _Plan, levels: int, axes: set[str], scale_factors: Any
+) -> list[tuple[int, ...]]:
     """Per level, the integer factor of each stored axis relative to level 0."""
     order = plan.axis_order
     nd = len(order)
@@ -762,7 +795,9 @@ def _cumulative_factors(plan: _Plan, levels: int, axes: set[str], scale_factors:
         try:
             f = tuple(int(v) for v in f)
         except TypeError as exc:
-            raise QltyTypeError(f"pyramid_scale_factors[{i - 1}] must be a tuple of ints, got {f!r}") from exc
+            raise QltyTypeError(
+                f"pyramid_scale_factors[{i - 1}] must be a tuple of ints, got {f!r}"
+            ) from exc
         if len(f) != nd:
             raise QltyError(
                 f"pyramid_scale_factors[{i - 1}] must have {nd} entries for axes {order}, got {f}"
@@ -770,7 +805,9 @@ def _cumulative_factors(plan: _Plan, levels: int, axes: set[str], scale_factors:
         prev = out[-1]
         for a, v, p in zip(order, f, prev):
             if a == "C" and v != 1:
-                raise QltyError(f"pyramid_scale_factors[{i - 1}] downsamples the channel axis ({f}); C must be 1")
+                raise QltyError(
+                    f"pyramid_scale_factors[{i - 1}] downsamples the channel axis ({f}); C must be 1"
+                )
             if v < 1 or v % p:
                 raise QltyError(
                     f"pyramid_scale_factors must be cumulative integer factors, each a multiple "
@@ -918,7 +955,12 @@ def stack_files_to_ome_zarr(
             batch = _batch_size(plan, align, batch_size)
             stats = _stats_for(plan, normalize, normalize_mean, normalize_std, True, num_workers)
             ms = multiscales_metadata(
-                st.basename, plan.axis_order, cum, shapes, voxel_size=voxel_size, unit=unit,
+                st.basename,
+                plan.axis_order,
+                cum,
+                shapes,
+                voxel_size=voxel_size,
+                unit=unit,
                 method="block mean" if method == "mean" else "antialiased bilinear (y, x)",
             )
             attrs = _base_attrs(plan, regex, ext)
@@ -927,17 +969,34 @@ def stack_files_to_ome_zarr(
                 extra = {"ngff_conformant": True}
             else:
                 extra = {"ngff_conformant": False, "multiscales": [ms]}
-            _write_pyramid(plan, out_path, shapes, chunks, cum, method, batch, num_workers,
-                           stats, verbose, attrs, extra)
+            _write_pyramid(
+                plan,
+                out_path,
+                shapes,
+                chunks,
+                cum,
+                method,
+                batch,
+                num_workers,
+                stats,
+                verbose,
+                attrs,
+                extra,
+            )
         results[st.basename] = _result(
-            plan, out_path, pyramid_levels=levels, level_shapes=shapes,
-            scale_factors=[list(f) for f in cum], ngff_conformant=conformant,
+            plan,
+            out_path,
+            pyramid_levels=levels,
+            level_shapes=shapes,
+            scale_factors=[list(f) for f in cum],
+            ngff_conformant=conformant,
         )
     return results
 
 
-def _write_pyramid(plan, out_path, shapes, chunks, cum, method, batch, num_workers, stats,
-                   verbose, attrs, extra) -> None:
+def _write_pyramid(
+    plan, out_path, shapes, chunks, cum, method, batch, num_workers, stats, verbose, attrs, extra
+) -> None:
     import zarr
 
     reader = _Reader(plan, num_workers, stats)
@@ -949,8 +1008,15 @@ def _write_pyramid(plan, out_path, shapes, chunks, cum, method, batch, num_worke
         with atomic_store(out_path) as tmp:
             root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
             arrays = [
-                root.create_array(str(lvl), shape=s, chunks=c, dtype=plan.dtype, fill_value=0, compressors=_compressors(),
-                                  dimension_names=dims)
+                root.create_array(
+                    str(lvl),
+                    shape=s,
+                    chunks=c,
+                    dtype=plan.dtype,
+                    fill_value=0,
+                    compressors=_compressors(),
+                    dimension_names=dims,
+                )
                 for lvl, (s, c) in enumerate(zip(shapes, chunks))
             ]
             for z0, z1, data in reader.batches(_batch_bounds(plan.Z, batch)):
@@ -1117,10 +1183,26 @@ def stack_files_to_ome_zarr_laplacian(
                 "reconstruction": _RECONSTRUCTION_TEXT,
             }
             attrs = {**_base_attrs(plan, regex, ext), "laplacian_pyramid": meta}
-            _write_laplacian(plan, out_path, shapes, base_chunks, cum, interpolation_mode,
-                             store_base_level, cdt, batch, num_workers, stats, verbose, attrs)
+            _write_laplacian(
+                plan,
+                out_path,
+                shapes,
+                base_chunks,
+                cum,
+                interpolation_mode,
+                store_base_level,
+                cdt,
+                batch,
+                num_workers,
+                stats,
+                verbose,
+                attrs,
+            )
         results[st.basename] = _result(
-            plan, out_path, pyramid_levels=levels, level_shapes=shapes,
+            plan,
+            out_path,
+            pyramid_levels=levels,
+            level_shapes=shapes,
             scale_factors=[list(f) for f in cum],
         )
     return results
@@ -1132,8 +1214,21 @@ def _tile_chunks(plan: _Plan, shape: tuple[int, ...]) -> tuple[int, ...]:
     )
 
 
-def _write_laplacian(plan, out_path, shapes, base_chunks, cum, mode, store_base, cdt, batch,
-                     num_workers, stats, verbose, attrs) -> None:
+def _write_laplacian(
+    plan,
+    out_path,
+    shapes,
+    base_chunks,
+    cum,
+    mode,
+    store_base,
+    cdt,
+    batch,
+    num_workers,
+    stats,
+    verbose,
+    attrs,
+) -> None:
     import zarr
 
     reader = _Reader(plan, num_workers, stats)
@@ -1147,19 +1242,36 @@ def _write_laplacian(plan, out_path, shapes, base_chunks, cum, mode, store_base,
             root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
             base = None
             if store_base:
-                base = root.create_array(str(L - 1), shape=shapes[-1], chunks=base_chunks,
-                                         dtype=plan.dtype, fill_value=0, compressors=_compressors(), dimension_names=dims)
+                base = root.create_array(
+                    str(L - 1),
+                    shape=shapes[-1],
+                    chunks=base_chunks,
+                    dtype=plan.dtype,
+                    fill_value=0,
+                    compressors=_compressors(),
+                    dimension_names=dims,
+                )
             diffs = [
-                root.create_array(f"diff_{k}", shape=shapes[k], chunks=_tile_chunks(plan, shapes[k]),
-                                  dtype=np_cdt, fill_value=0.0, compressors=_compressors(), dimension_names=dims)
+                root.create_array(
+                    f"diff_{k}",
+                    shape=shapes[k],
+                    chunks=_tile_chunks(plan, shapes[k]),
+                    dtype=np_cdt,
+                    fill_value=0.0,
+                    compressors=_compressors(),
+                    dimension_names=dims,
+                )
                 for k in range(L - 1)
             ]
             for z0, z1, data in reader.batches(_batch_bounds(plan.Z, batch)):
                 region = _region(plan, z0, z1)
                 g = [torch.from_numpy(data).to(cdt)]
                 for lvl in range(1, L):
-                    g.append(_block_mean(g[-1], 1, zyx[lvl][1] // zyx[lvl - 1][1],
-                                         zyx[lvl][2] // zyx[lvl - 1][2]))
+                    g.append(
+                        _block_mean(
+                            g[-1], 1, zyx[lvl][1] // zyx[lvl - 1][1], zyx[lvl][2] // zyx[lvl - 1][2]
+                        )
+                    )
                 stored = _cast(g[-1].numpy(), plan.dtype)
                 if base is not None:
                     base[region] = _to_order(stored, plan)
@@ -1196,7 +1308,9 @@ def _open_laplacian(path: str | os.PathLike) -> tuple[Any, dict]:
     except Exception as exc:
         raise QltyError(f"zarr_group_path {p} is not a readable Zarr group: {exc}") from exc
     keys = set(root.array_keys())
-    diffs = sorted((k for k in keys if k.startswith("diff_") and k[5:].isdigit()), key=lambda k: int(k[5:]))
+    diffs = sorted(
+        (k for k in keys if k.startswith("diff_") and k[5:].isdigit()), key=lambda k: int(k[5:])
+    )
     meta = dict(root.attrs.get("laplacian_pyramid") or {})
     if meta:
         if meta.get("base_level") is None:
@@ -1232,7 +1346,9 @@ def _open_laplacian(path: str | os.PathLike) -> tuple[Any, dict]:
         "cdt": cdt,
         "legacy": legacy,
         "mode": meta.get("interpolation_mode"),
-        "dtype": np.dtype(root[base_key].dtype) if legacy else np.dtype(meta.get("dtype", root[base_key].dtype)),
+        "dtype": np.dtype(root[base_key].dtype)
+        if legacy
+        else np.dtype(meta.get("dtype", root[base_key].dtype)),
     }
     return root, info
 
@@ -1254,9 +1370,13 @@ def _reconstruct_block(info: dict, z0: int, z1: int, mode: str, target: int) -> 
     """Reconstruct slices ``z0:z1`` at level ``target``; returns ``(B, C, Y, X)`` in dtype."""
     order = info["order"]
     reg = tuple(slice(z0, z1) if a == "Z" else slice(None) for a in order)
-    r = torch.from_numpy(np.ascontiguousarray(_to_zcyx(np.asarray(info["base"][reg]), order))).to(info["cdt"])
+    r = torch.from_numpy(np.ascontiguousarray(_to_zcyx(np.asarray(info["base"][reg]), order))).to(
+        info["cdt"]
+    )
     for k in range(len(info["diffs"]) - 1, target - 1, -1):
-        d = torch.from_numpy(np.ascontiguousarray(_to_zcyx(np.asarray(info["diffs"][k][reg]), order))).to(info["cdt"])
+        d = torch.from_numpy(
+            np.ascontiguousarray(_to_zcyx(np.asarray(info["diffs"][k][reg]), order))
+        ).to(info["cdt"])
         r = _upsample(r, tuple(d.shape[-2:]), mode) + d
     out = r.numpy()
     if info["legacy"]:
@@ -1315,7 +1435,9 @@ def reconstruct_from_laplacian_pyramid(
     if interpolation_mode is None:
         interpolation_mode = stored_mode or "bilinear"
     if interpolation_mode not in _INTERP_MODES:
-        raise QltyError(f"interpolation_mode must be one of {_INTERP_MODES}, got {interpolation_mode!r}")
+        raise QltyError(
+            f"interpolation_mode must be one of {_INTERP_MODES}, got {interpolation_mode!r}"
+        )
     if stored_mode is not None and interpolation_mode != stored_mode:
         raise QltyError(
             f"interpolation_mode={interpolation_mode!r} does not match the {stored_mode!r} the "
@@ -1335,7 +1457,9 @@ def reconstruct_from_laplacian_pyramid(
             raise QltyError(f"z_idx must be in [-{Z}, {Z}), got {z_idx!r}")
         block = _reconstruct_block(info, z, z + 1, interpolation_mode, target)
         return _from_zcyx(block, order)[_region_index(order, 0)]
-    per = int(np.prod(info["diffs"][target].shape if target < n_diffs else info["base"].shape)) // max(Z, 1)
+    per = int(
+        np.prod(info["diffs"][target].shape if target < n_diffs else info["base"].shape)
+    ) // max(Z, 1)
     batch = batch_size or max(1, BATCH_BYTES // max(1, per * 8))
     bounds = _batch_bounds(Z, batch)
     bar = _progress(Z, "reconstruct", verbose)
@@ -1358,15 +1482,29 @@ def reconstruct_from_laplacian_pyramid(
         else:
             chunks = _check_chunks(zarr_chunks, shape, order)
         with atomic_store(output_zarr_path) as tmp:
-            arr = zarr.create_array(store=str(tmp), shape=shape, chunks=chunks, dtype=first.dtype,
-                                    fill_value=0, compressors=_compressors(), dimension_names=list(order.lower()))
+            arr = zarr.create_array(
+                store=str(tmp),
+                shape=shape,
+                chunks=chunks,
+                dtype=first.dtype,
+                fill_value=0,
+                compressors=_compressors(),
+                dimension_names=list(order.lower()),
+            )
             for z0, z1 in bounds:
                 block = _reconstruct_block(info, z0, z1, interpolation_mode, target)
-                arr[tuple(slice(z0, z1) if a == "Z" else slice(None) for a in order)] = _from_zcyx(block, order)
+                arr[tuple(slice(z0, z1) if a == "Z" else slice(None) for a in order)] = _from_zcyx(
+                    block, order
+                )
                 if bar is not None:
                     bar.update(z1 - z0)
-            arr.attrs.update({"source": str(zarr_group_path), "axis_order": order,
-                              "qlty_gpu": {"complete": True}})
+            arr.attrs.update(
+                {
+                    "source": str(zarr_group_path),
+                    "axis_order": order,
+                    "qlty_gpu": {"complete": True},
+                }
+            )
         return str(output_zarr_path)
     finally:
         if bar is not None:
@@ -1455,7 +1593,9 @@ def _downsample_with_torch(img: np.ndarray, y_scale: int, x_scale: int) -> np.nd
     return _cast(out, img.dtype)
 
 
-def _upsample_with_torch(img: np.ndarray, target_size: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
+def _upsample_with_torch(
+    img: np.ndarray, target_size: tuple[int, int], mode: str = "bilinear"
+) -> np.ndarray:
     """Upsample ``(Y, X)`` or ``(C, Y, X)`` to ``target_size`` (qlty's helper)."""
     if mode not in ("bilinear", "bicubic"):
         raise QltyError(f"mode must be 'bilinear' or 'bicubic', got {mode!r}")
