@@ -12,11 +12,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -24,22 +22,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-COLUMNS = [
-    "timestamp",
-    "device",
-    "case",
-    "op",
-    "provider",
-    "backend",
-    "median_ms",
-    "gbytes",
-    "gbps",
-    "frac_copy_bw",
-    "peak_rss_mb",
-    "notes",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import append_rows, device_name, markdown_table  # noqa: E402
 
+HERE = Path(__file__).resolve().parent
 CHILD = r"""
 import json, resource, sys, time, warnings, io, contextlib
 provider, src, out, levels, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
@@ -113,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-csv", action="store_true")
     args = ap.parse_args(argv)
     workers = None if args.workers == "None" else int(args.workers)
-    device = f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()}"
+    device = device_name("cpu")
     rows = []
     for n in args.slices:
         src = Path(tempfile.mkdtemp(prefix="bench_stack_"))
@@ -147,14 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(src, ignore_errors=True)
     if not args.no_csv:
-        path = Path(args.csv)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        with path.open("a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=COLUMNS)
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        path = append_rows(rows, "cpu")
+        print(f"appended {len(rows)} rows to {path}")
+    print(markdown_table(rows, ["case", "provider", "median_ms", "peak_rss_mb", "notes"]))
     return 0
 
 

@@ -111,6 +111,18 @@ def _run_stack_to_zarr(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     verbose = not args.quiet
+    if not (args.ome or args.laplacian):
+        used = [
+            f
+            for f, v in (
+                ("--levels", args.levels),
+                ("--voxel-size", args.voxel_size),
+                ("--unit", args.unit),
+            )
+            if v is not None
+        ]
+        if used:
+            raise QltyError(f"{', '.join(used)} only apply to pyramids: add --ome or --laplacian")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if args.ome:

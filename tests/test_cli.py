@@ -125,6 +125,8 @@ def test_errors_exit_1_with_message(tmp_path, capsys):
     rc = main(["stack-to-zarr", str(tmp_path / "in"), str(tmp_path / "out"), "-e", ".png"])
     assert rc == 1
     assert "no files matching" in capsys.readouterr().err
+    rc = main(["stack-to-zarr", str(tmp_path / "in"), str(tmp_path / "out"), "--levels", "2"])
+    assert rc == 1 and "add --ome or --laplacian" in capsys.readouterr().err
     (tmp_path / "in" / "cells_002.tif").write_bytes(b"broken")
     rc = main(["stack-to-zarr", str(tmp_path / "in"), str(tmp_path / "out"), "-q"])
     err = capsys.readouterr().err
