@@ -530,3 +530,43 @@ def test_stitch_modes_accepted_and_validated():
         assert torch.equal(stitch(p, (5, 5), (2, 2), mode=mode), ref)
     with pytest.raises(QltyError, match=r"mode must be one of.*'racy'"):
         stitch(p, (5, 5), (2, 2), mode="racy")
+
+
+# ------------------------------------------------------------------ edge cases
+@pytest.mark.parametrize("backend", STITCH_BACKENDS)
+def test_empty_batch_and_channels(backend):
+    for shape in ((0, 2, 13, 12), (2, 0, 13, 12), (0, 1, 5, 6, 7)):
+        x = torch.zeros(shape)
+        window = (5, 4) if len(shape) == 4 else (3, 3, 3)
+        step = (3, 3) if len(shape) == 4 else (2, 2, 2)
+        p = unstitch(x, window, step, backend=backend)
+        assert p.shape == (shape[0] * _n_patches(shape[2:], window, step), shape[1], *window)
+        assert stitch(p, shape[2:], step, backend=backend).shape == shape
+
+
+@pytest.mark.parametrize("backend", STITCH_BACKENDS)
+def test_stitch_strided_and_expanded_patches(backend):
+    shape, window, step = (13, 12), (5, 4), (3, 3)
+    m = 2 * _n_patches(shape, window, step)
+    p = _rand((m, 2, *window), torch.float32)
+    ref, _ = oracle_stitch(p, shape, step, normalise=False)
+    for q in (p.transpose(2, 3).contiguous().transpose(2, 3),
+              p.contiguous(memory_format=torch.channels_last),
+              torch.stack([p, torch.zeros_like(p)], dim=2).flatten(1, 2)[:, ::2]):
+        torch.testing.assert_close(stitch(q, shape, step, backend=backend).double(), ref,
+                                   rtol=1e-6, atol=1e-5)
+    one = torch.ones(1, 1, *window).expand(m, 3, *window)  # stride-0 batch
+    cover, _ = oracle_stitch(one, shape, step, normalise=False)
+    assert torch.equal(stitch(one, shape, step, backend=backend).double(), cover)
+
+
+def test_complex_and_bool_take_the_torch_path():
+    x = _rand((1, 2, 9, 8), torch.float32) + 1j * _rand((1, 2, 9, 8), torch.float32, seed=5)
+    p = unstitch(x, (4, 4), (3, 2))
+    assert p.dtype == torch.complex64 and torch.equal(p, oracle_unstitch(x, (4, 4), (3, 2)))
+    nrm = QuiltPlan((9, 8), (4, 4), (3, 2)).norm()
+    y = stitch(p, (9, 8), (3, 2), norm=nrm)
+    assert y.dtype == torch.complex64
+    torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-6)
+    b = torch.rand(1, 1, 9, 8) > 0.5
+    assert torch.equal(unstitch(b, (4, 4), (3, 2)), oracle_unstitch(b, (4, 4), (3, 2)))
