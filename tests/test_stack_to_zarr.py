@@ -402,10 +402,11 @@ def test_interrupted_conversion_leaves_no_complete_store(tmp_path):
     bad.write_bytes(data[: len(data) // 2])  # header intact, pixel data truncated
     assert Image.open(bad).size == (32, 32)
     out = tmp_path / "o"
-    for fn in (stack_files_to_zarr, stack_files_to_ome_zarr, stack_files_to_ome_zarr_laplacian):
+    fns = (stack_files_to_zarr, stack_files_to_ome_zarr, stack_files_to_ome_zarr_laplacian)
+    for fn, workers in itertools.product(fns, (1, 3)):
         kw = {} if fn is stack_files_to_zarr else {"pyramid_levels": 2, "verbose": False}
         with pytest.raises(QltyError, match=r"s_5\.png"):
-            fn(tmp_path, ".png", PNG_PAT, output_dir=out, batch_size=2, num_workers=1, **kw)
+            fn(tmp_path, ".png", PNG_PAT, output_dir=out, batch_size=2, num_workers=workers, **kw)
         assert not list(out.glob("*.zarr")), list(out.iterdir())
         assert no_partials(out)
 

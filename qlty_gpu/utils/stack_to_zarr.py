@@ -471,6 +471,43 @@ class _Reader:
             yield z0, z1, data
 
 
+class _Writer:
+    """Writes each batch's regions on one background thread, at most one batch in flight.
+
+    Reading (the reader's prefetch thread), computing (the caller) and encoding/writing (this
+    thread) overlap, while memory stays bounded: :meth:`put` waits for the previous batch.
+    """
+
+    def __init__(self, threaded: bool):
+        self.ex = cf.ThreadPoolExecutor(1) if threaded else None
+        self.pending: cf.Future | None = None
+
+    @staticmethod
+    def _run(jobs: list[tuple[Any, tuple, np.ndarray]]) -> None:
+        for arr, region, data in jobs:
+            arr[region] = data
+
+    def put(self, jobs: list[tuple[Any, tuple, np.ndarray]]) -> None:
+        if self.ex is None:
+            self._run(jobs)
+            return
+        self.wait()
+        self.pending = self.ex.submit(self._run, jobs)
+
+    def wait(self) -> None:
+        fut, self.pending = self.pending, None
+        if fut is not None:
+            fut.result()
+
+    def close(self) -> None:
+        """Finish (or abandon the error of) the write in flight, so nothing writes later."""
+        fut, self.pending = self.pending, None
+        if fut is not None:
+            cf.wait([fut])
+        if self.ex is not None:
+            self.ex.shutdown(wait=True)
+
+
 def _global_stats(
     plan: _Plan, mean: float | None, std: float | None, workers: int | None
 ) -> tuple[float, float]:
@@ -727,10 +764,15 @@ def _write_plain(plan, out_path, shape, chunks, batch, num_workers, stats, verbo
                 compressors=_compressors(),
                 dimension_names=list(plan.axis_order.lower()),
             )
-            for z0, z1, data in reader.batches(_batch_bounds(plan.Z, batch)):
-                arr[_region(plan, z0, z1)] = _to_order(data, plan)
-                if bar is not None:
-                    bar.update(z1 - z0)
+            writer = _Writer(reader.workers > 1)
+            try:
+                for z0, z1, data in reader.batches(_batch_bounds(plan.Z, batch)):
+                    writer.put([(arr, _region(plan, z0, z1), _to_order(data, plan))])
+                    if bar is not None:
+                        bar.update(z1 - z0)
+                writer.wait()
+            finally:
+                writer.close()
             arr.attrs.update({**attrs, "qlty_gpu": _writer_attrs(plan)})
     except Exception as exc:
         _wrap_errors(plan, exc)
@@ -1019,18 +1061,24 @@ def _write_pyramid(
                 )
                 for lvl, (s, c) in enumerate(zip(shapes, chunks))
             ]
-            for z0, z1, data in reader.batches(_batch_bounds(plan.Z, batch)):
-                arrays[0][_region(plan, z0, z1)] = _to_order(data, plan)
-                t = torch.from_numpy(data).to(cdt) if len(arrays) > 1 else None
-                for lvl in range(1, len(arrays)):
-                    pz, py, px = zyx[lvl - 1]
-                    fz, fy, fx = zyx[lvl]
-                    t = _resample(t, fz // pz, fy // py, fx // px, method)
-                    lz0, lz1 = z0 // fz, math.ceil(z1 / fz)
-                    level = _cast(t.numpy(), plan.dtype)
-                    arrays[lvl][_region(plan, lz0, lz1)] = _to_order(level, plan)
-                if bar is not None:
-                    bar.update(z1 - z0)
+            writer = _Writer(reader.workers > 1)
+            try:
+                for z0, z1, data in reader.batches(_batch_bounds(plan.Z, batch)):
+                    jobs = [(arrays[0], _region(plan, z0, z1), _to_order(data, plan))]
+                    t = torch.from_numpy(data).to(cdt) if len(arrays) > 1 else None
+                    for lvl in range(1, len(arrays)):
+                        pz, py, px = zyx[lvl - 1]
+                        fz, fy, fx = zyx[lvl]
+                        t = _resample(t, fz // pz, fy // py, fx // px, method)
+                        lz0, lz1 = z0 // fz, math.ceil(z1 / fz)
+                        level = _cast(t.numpy(), plan.dtype)
+                        jobs.append((arrays[lvl], _region(plan, lz0, lz1), _to_order(level, plan)))
+                    writer.put(jobs)
+                    if bar is not None:
+                        bar.update(z1 - z0)
+                writer.wait()
+            finally:
+                writer.close()
             root.attrs.update({**attrs, "qlty_gpu": _writer_attrs(plan, **extra)})
     except Exception as exc:
         _wrap_errors(plan, exc)
@@ -1263,26 +1311,30 @@ def _write_laplacian(
                 )
                 for k in range(L - 1)
             ]
-            for z0, z1, data in reader.batches(_batch_bounds(plan.Z, batch)):
-                region = _region(plan, z0, z1)
-                g = [torch.from_numpy(data).to(cdt)]
-                for lvl in range(1, L):
-                    g.append(
-                        _block_mean(
-                            g[-1], 1, zyx[lvl][1] // zyx[lvl - 1][1], zyx[lvl][2] // zyx[lvl - 1][2]
-                        )
-                    )
-                stored = _cast(g[-1].numpy(), plan.dtype)
-                if base is not None:
-                    base[region] = _to_order(stored, plan)
-                r = torch.from_numpy(np.ascontiguousarray(stored)).to(cdt)
-                for k in range(L - 2, -1, -1):
-                    u = _upsample(r, tuple(g[k].shape[-2:]), mode)
-                    d = g[k] - u
-                    diffs[k][region] = _to_order(d.numpy(), plan)
-                    r = u + d
-                if bar is not None:
-                    bar.update(z1 - z0)
+            writer = _Writer(reader.workers > 1)
+            try:
+                for z0, z1, data in reader.batches(_batch_bounds(plan.Z, batch)):
+                    region = _region(plan, z0, z1)
+                    g = [torch.from_numpy(data).to(cdt)]
+                    for lvl in range(1, L):
+                        fy = zyx[lvl][1] // zyx[lvl - 1][1]
+                        fx = zyx[lvl][2] // zyx[lvl - 1][2]
+                        g.append(_block_mean(g[-1], 1, fy, fx))
+                    stored = _cast(g[-1].numpy(), plan.dtype)
+                    jobs = [] if base is None else [(base, region, _to_order(stored, plan))]
+                    # r: the decoder's reconstruction of the next level, from stored data only
+                    r = torch.from_numpy(np.ascontiguousarray(stored)).to(cdt)
+                    for k in range(L - 2, -1, -1):
+                        u = _upsample(r, tuple(g[k].shape[-2:]), mode)
+                        d = g[k] - u
+                        jobs.append((diffs[k], region, _to_order(d.numpy(), plan)))
+                        r = u + d
+                    writer.put(jobs)
+                    if bar is not None:
+                        bar.update(z1 - z0)
+                writer.wait()
+            finally:
+                writer.close()
             root.attrs.update({**attrs, "qlty_gpu": _writer_attrs(plan, kind="laplacian")})
     except Exception as exc:
         _wrap_errors(plan, exc)
