@@ -14,6 +14,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import qlty_gpu.ops.quilt as opsq
 from qlty_gpu.errors import QltyBackendError, QltyError
@@ -570,3 +572,34 @@ def test_complex_and_bool_take_the_torch_path():
     torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-6)
     b = torch.rand(1, 1, 9, 8) > 0.5
     assert torch.equal(unstitch(b, (4, 4), (3, 2)), oracle_unstitch(b, (4, 4), (3, 2)))
+
+
+@st.composite
+def _nd_geometry(draw):
+    nd = draw(st.sampled_from([2, 3]))
+    shape = [draw(st.integers(1, 12)) for _ in range(nd)]
+    window = [draw(st.integers(1, d)) for d in shape]
+    step = [draw(st.integers(1, w + 2)) for w in window]
+    return tuple(shape), tuple(window), tuple(step)
+
+
+@settings(max_examples=30, deadline=None)
+@given(_nd_geometry(), st.integers(1, 2), st.integers(1, 2), st.booleans())
+def test_backends_agree_on_random_geometries(geom, n, c, weighted):
+    shape, window, step = geom
+    x = torch.randn(n, c, *shape, dtype=torch.float64)
+    w = torch.rand(window, dtype=torch.float64) + 0.1 if weighted else None
+    ref_p = oracle_unstitch(x, window, step)
+    y = torch.randn_like(ref_p)
+    ref_s, _ = oracle_stitch(y, shape, step, w, normalise=False)
+    for b in STITCH_BACKENDS:
+        assert torch.equal(unstitch(x, window, step, backend=b), ref_p)
+        torch.testing.assert_close(stitch(y, shape, step, weight=w, backend=b), ref_s,
+                                   rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", UNSTITCH_BACKENDS)
+def test_unstitch_int64_beyond_float_precision_is_exact(backend):
+    x = torch.randint(2**60, 2**62, (1, 2, 7, 6), dtype=torch.int64)
+    assert torch.equal(unstitch(x, (3, 4), (2, 1), backend=backend),
+                       oracle_unstitch(x, (3, 4), (2, 1)))
