@@ -748,7 +748,17 @@ def stack_files_to_zarr(
     return results
 
 
-def _write_plain(plan, out_path, shape, chunks, batch, num_workers, stats, verbose, attrs) -> None:
+def _write_plain(
+    plan: _Plan,
+    out_path: Path,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    batch: int,
+    num_workers: int | None,
+    stats: tuple[Any, Any] | None,
+    verbose: bool,
+    attrs: dict,
+) -> None:
     import zarr
 
     reader = _Reader(plan, num_workers, stats)
@@ -1037,7 +1047,18 @@ def stack_files_to_ome_zarr(
 
 
 def _write_pyramid(
-    plan, out_path, shapes, chunks, cum, method, batch, num_workers, stats, verbose, attrs, extra
+    plan: _Plan,
+    out_path: Path,
+    shapes: list[tuple[int, ...]],
+    chunks: list[tuple[int, ...]],
+    cum: list[tuple[int, ...]],
+    method: str,
+    batch: int,
+    num_workers: int | None,
+    stats: tuple[Any, Any] | None,
+    verbose: bool,
+    attrs: dict,
+    extra: dict,
 ) -> None:
     import zarr
 
@@ -1263,19 +1284,19 @@ def _tile_chunks(plan: _Plan, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _write_laplacian(
-    plan,
-    out_path,
-    shapes,
-    base_chunks,
-    cum,
-    mode,
-    store_base,
-    cdt,
-    batch,
-    num_workers,
-    stats,
-    verbose,
-    attrs,
+    plan: _Plan,
+    out_path: Path,
+    shapes: list[tuple[int, ...]],
+    base_chunks: tuple[int, ...],
+    cum: list[tuple[int, ...]],
+    mode: str,
+    store_base: bool,
+    cdt: torch.dtype,
+    batch: int,
+    num_workers: int | None,
+    stats: tuple[Any, Any] | None,
+    verbose: bool,
+    attrs: dict,
 ) -> None:
     import zarr
 
