@@ -603,3 +603,25 @@ def test_unstitch_int64_beyond_float_precision_is_exact(backend):
     x = torch.randint(2**60, 2**62, (1, 2, 7, 6), dtype=torch.int64)
     assert torch.equal(unstitch(x, (3, 4), (2, 1), backend=backend),
                        oracle_unstitch(x, (3, 4), (2, 1)))
+
+
+@pytest.mark.parametrize(
+    "geom",
+    [((20, 19), (9, 9), (1, 1)),  # 81 phase groups: the torch backend's index_add path
+     ((21, 18), (8, 8), (2, 3)),  # phase-grouped strided adds
+     ((9, 10, 11), (4, 5, 6), (1, 1, 1))],  # 3-D, 120 groups
+    ids=["many-groups", "phases", "3d-many-groups"],
+)
+def test_torch_backend_paths_and_exported_references(geom):
+    shape, window, step = geom
+    x = _rand((2, 2, *shape), torch.float64)
+    ref_p = oracle_unstitch(x, window, step)
+    assert torch.equal(opsq.unstitch_reference(x, list(window), list(step)), ref_p)
+    assert torch.equal(unstitch(x, window, step, backend="torch"), ref_p)
+    w = torch.rand(window, dtype=torch.float64) + 0.1
+    y = torch.randn_like(ref_p)
+    ref_s, nrm = oracle_stitch(y, shape, step, w)
+    got = stitch(y, shape, step, weight=w, norm=nrm, backend="torch")
+    torch.testing.assert_close(got, ref_s, rtol=1e-12, atol=1e-12)
+    got = opsq.stitch_reference(y, list(shape), list(step), w, nrm)
+    torch.testing.assert_close(got, ref_s, rtol=1e-12, atol=1e-12)
