@@ -97,6 +97,12 @@ def capture_launches() -> list:
             grab(f"stitch 3d fp32 {mode}", q._stitch_triton, pt3, [128] * 3, st3, None, n3, mode)
         grab("stitch 2d fp16 deterministic", q._stitch_triton, pt2.half(), [512, 512], st2, w2,
              n2, "deterministic")
+        grab("stitch 3d fp64 deterministic", q._stitch_triton, pt3.double(), [128] * 3, st3,
+             None, n3.double(), "deterministic")
+        grab("stitch 2d bf16 atomic", q._stitch_triton, pt2.bfloat16(), [512, 512], st2, w2, n2,
+             "atomic")
+        grab("unstitch 3d fp16 relative pos", q._unstitch_triton, x3.half(), win3, st3, None,
+             None, None, 0.0, "relative", True)
     finally:
         q._triton_kernels = orig
     return out
@@ -146,7 +152,7 @@ def compile_variant(name, args, kwargs, cc: int) -> dict:
     sig, cexp, attrs = _specialise(fn, args, kwargs)
     src = ASTSource(fn=fn, signature=sig, constexprs=cexp, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                       options={"num_warps": kwargs.get("num_warps", 4)})
+                       options={k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs})
     with tempfile.TemporaryDirectory() as d:
         cubin = Path(d) / "k.cubin"
         cubin.write_bytes(k.asm["cubin"])

@@ -141,8 +141,12 @@ def _unstitch_kernel(
     COMPUTE_F64: the weight product is fp64; OUT_HALF: output is fp16.
     """
     pid = tl.program_id(0).to(tl.int64)
-    xb = pid % n_xb
-    t = pid // n_xb
+    # Decompose in int32: pid < 2**31 (the grid limit) and so is every index below, and a
+    # 32-bit division inlines where a 64-bit one calls a subroutine with a stack frame.
+    # Everything is widened back to int64 before any address arithmetic.
+    t = pid.to(tl.int32)
+    xb = t % n_xb
+    t = t // n_xb
     yb = t % n_yb
     t = t // n_yb
     z = t % WZ
@@ -154,6 +158,8 @@ def _unstitch_kernel(
     kx = p % n_px
     ky = (p // n_px) % n_py
     kz = p // (n_px * n_py)
+    xb, yb, z, c = xb.to(tl.int64), yb.to(tl.int64), z.to(tl.int64), c.to(tl.int64)
+    m, n = m.to(tl.int64), n.to(tl.int64)
     z0 = tl.load(sz_ptr + kz)
     y0 = tl.load(sy_ptr + ky)
     x0 = tl.load(sx_ptr + kx)
@@ -223,8 +229,12 @@ def _stitch_atomic_kernel(
     P_UPCAST: widen patches to fp32 (fp16, integers).
     """
     pid = tl.program_id(0).to(tl.int64)
-    xb = pid % n_xb
-    t = pid // n_xb
+    # Decompose in int32: pid < 2**31 (the grid limit) and so is every index below, and a
+    # 32-bit division inlines where a 64-bit one calls a subroutine with a stack frame.
+    # Everything is widened back to int64 before any address arithmetic.
+    t = pid.to(tl.int32)
+    xb = t % n_xb
+    t = t // n_xb
     yb = t % n_yb
     t = t // n_yb
     z = t % WZ
@@ -236,6 +246,8 @@ def _stitch_atomic_kernel(
     kx = p % n_px
     ky = (p // n_px) % n_py
     kz = p // (n_px * n_py)
+    xb, yb, z, c = xb.to(tl.int64), yb.to(tl.int64), z.to(tl.int64), c.to(tl.int64)
+    m, n = m.to(tl.int64), n.to(tl.int64)
     z0 = tl.load(sz_ptr + kz)
     y0 = tl.load(sy_ptr + ky)
     x0 = tl.load(sx_ptr + kx)
@@ -281,6 +293,39 @@ def _stitch_finalize_kernel(
 
 
 @triton.jit
+def _gather_plane(
+    p_ptr, w_ptr, sy_ptr, sx_ptr, base, lz, offs_y, offs_x, in_y, in_x,
+    ky_lo, ky_hi, kx_lo, kx_hi, n_px, zero, stride_p_m, stride_p_y, stride_p_x,
+    WY: tl.constexpr, WX: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
+    X_ALIGN: tl.constexpr, HAS_WEIGHT: tl.constexpr, P_BF16: tl.constexpr,
+    P_UPCAST: tl.constexpr, acc_t: tl.constexpr,
+):
+    """Sum over the y/x patches of one z patch (window plane ``lz``, element offset ``base``)
+    for one output tile: x patches inside y patches, each level from zero (fixed order)."""
+    acc_y = tl.zeros([BLOCK_Y, BLOCK_X], dtype=acc_t)
+    for ky in range(ky_lo, ky_hi):
+        ly = offs_y - tl.load(sy_ptr + ky)  # (BY,) row inside the window
+        ok_y = (ly >= 0) & (ly < WY) & in_y
+        base_y = base + (ky * n_px + zero) * stride_p_m
+        acc_x = tl.zeros([BLOCK_Y, BLOCK_X], dtype=acc_t)
+        for kx in range(kx_lo, kx_hi):
+            lx = offs_x - tl.multiple_of(tl.load(sx_ptr + kx), X_ALIGN)  # (BX,)
+            ok_x = (lx >= 0) & (lx < WX) & in_x
+            mask = ok_y[:, None] & ok_x[None, :]
+            p_off = (
+                base_y + (kx + zero) * stride_p_m
+                + ly[:, None] * stride_p_y + lx[None, :] * stride_p_x
+            )
+            v = _load_value(p_ptr + p_off, mask, P_BF16, P_UPCAST)
+            if HAS_WEIGHT:
+                w_off = (lz * WY + ly[:, None]) * WX + lx[None, :]
+                v = v * tl.load(w_ptr + w_off, mask=mask, other=0)
+            acc_x += v
+        acc_y += acc_x
+    return acc_y
+
+
+@triton.jit
 def _stitch_gather_kernel(
     p_ptr, out_ptr, w_ptr, norm_ptr, sz_ptr, sy_ptr, sx_ptr,
     n_ch, n_pz, n_py, n_px, n_patches,
@@ -306,52 +351,55 @@ def _stitch_gather_kernel(
     X_ALIGN: a power of two dividing every x start (vectorised patch loads).
     """
     pid = tl.program_id(0).to(tl.int64)
-    xb = pid % n_xb
-    t = pid // n_xb
+    # int32 index decomposition and patch ranges (all < 2**31; 32-bit division inlines, a
+    # 64-bit one calls a subroutine with a stack frame); addresses are int64 below.
+    t = pid.to(tl.int32)
+    xb = t % n_xb
+    t = t // n_xb
     yb = t % n_yb
     t = t // n_yb
     z = t % size_z
     t = t // size_z
     c = t % n_ch
     n = t // n_ch
-
-    offs_y = yb * BLOCK_Y + tl.arange(0, BLOCK_Y)  # output rows (BY,)
-    offs_x = xb * BLOCK_X + tl.arange(0, BLOCK_X)  # output cols (BX,)
-    in_img = (offs_y < size_y)[:, None] & (offs_x < size_x)[None, :]
     kz_lo, kz_hi = _k_range(z, z + 1, size_z, step_z, n_pz, WZ)
     ky_lo, ky_hi = _k_range(yb * BLOCK_Y, yb * BLOCK_Y + BLOCK_Y, size_y, step_y, n_py, WY)
     kx_lo, kx_hi = _k_range(xb * BLOCK_X, xb * BLOCK_X + BLOCK_X, size_x, step_x, n_px, WX)
+    xb, yb, z, c, n = xb.to(tl.int64), yb.to(tl.int64), z.to(tl.int64), c.to(tl.int64), n.to(
+        tl.int64)
+
+    offs_y = yb * BLOCK_Y + tl.arange(0, BLOCK_Y)  # output rows (BY,) int64
+    offs_x = xb * BLOCK_X + tl.arange(0, BLOCK_X)  # output cols (BX,) int64
+    in_y = offs_y < size_y
+    in_x = offs_x < size_x
     if ACC_F64:
         acc_t = tl.float64
     else:
         acc_t = tl.float32
 
-    acc_z = tl.zeros([BLOCK_Y, BLOCK_X], dtype=acc_t)
-    for kz in range(kz_lo, kz_hi):
-        lz = z - tl.load(sz_ptr + kz)  # scalar offset inside the window
-        acc_y = tl.zeros([BLOCK_Y, BLOCK_X], dtype=acc_t)
-        for ky in range(ky_lo, ky_hi):
-            ly = offs_y - tl.load(sy_ptr + ky)  # (BY,)
-            lz_y = ly * 0 + lz  # (BY,) so the z test broadcasts like the others
-            ok_y = (ly >= 0) & (ly < WY) & (lz_y >= 0) & (lz_y < WZ)
-            acc_x = tl.zeros([BLOCK_Y, BLOCK_X], dtype=acc_t)
-            for kx in range(kx_lo, kx_hi):
-                lx = offs_x - tl.multiple_of(tl.load(sx_ptr + kx), X_ALIGN)  # (BX,)
-                ok_x = (lx >= 0) & (lx < WX)
-                mask = ok_y[:, None] & ok_x[None, :] & in_img
-                m = n * n_patches + (kz * n_py + ky) * n_px + kx
-                p_off = (
-                    m * stride_p_m + c * stride_p_c + lz * stride_p_z
-                    + ly[:, None] * stride_p_y + lx[None, :] * stride_p_x
-                )
-                v = _load_value(p_ptr + p_off, mask, P_BF16, P_UPCAST)
-                if HAS_WEIGHT:
-                    w_off = (lz * WY + ly[:, None]) * WX + lx[None, :]
-                    v = v * tl.load(w_ptr + w_off, mask=mask, other=0)
-                acc_x += v
-            acc_y += acc_x
-        acc_z += acc_y
+    # every z patch in [kz_lo, kz_hi) covers the single output plane z (one-pixel range),
+    # so only y and x need per-element window tests
+    zero = pid * 0  # int64 scalar: widens int32 loop indices (``range`` vars take no .to())
+    base_nc = n * n_patches * stride_p_m + c * stride_p_c  # scalar
+    if WZ == 1:
+        # 2-D (and 1-D) data: one z patch at 0; 0 + plane is exact, so skip the z level
+        acc_z = _gather_plane(
+            p_ptr, w_ptr, sy_ptr, sx_ptr, base_nc, 0, offs_y, offs_x, in_y, in_x,
+            ky_lo, ky_hi, kx_lo, kx_hi, n_px, zero, stride_p_m, stride_p_y, stride_p_x,
+            WY, WX, BLOCK_Y, BLOCK_X, X_ALIGN, HAS_WEIGHT, P_BF16, P_UPCAST, acc_t,
+        )
+    else:
+        acc_z = tl.zeros([BLOCK_Y, BLOCK_X], dtype=acc_t)
+        for kz in range(kz_lo, kz_hi):
+            lz = z - tl.load(sz_ptr + kz)  # scalar offset inside the window
+            base_z = base_nc + (kz * n_py * n_px + zero) * stride_p_m + lz * stride_p_z
+            acc_z += _gather_plane(
+                p_ptr, w_ptr, sy_ptr, sx_ptr, base_z, lz, offs_y, offs_x, in_y, in_x,
+                ky_lo, ky_hi, kx_lo, kx_hi, n_px, zero, stride_p_m, stride_p_y, stride_p_x,
+                WY, WX, BLOCK_Y, BLOCK_X, X_ALIGN, HAS_WEIGHT, P_BF16, P_UPCAST, acc_t,
+            )
 
+    in_img = in_y[:, None] & in_x[None, :]
     sp_off = (z * size_y + offs_y[:, None]) * size_x + offs_x[None, :]
     if HAS_NORM:
         acc_z = acc_z / tl.load(norm_ptr + sp_off, mask=in_img, other=1)

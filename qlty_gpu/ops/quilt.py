@@ -505,7 +505,9 @@ def _stitch_triton(patches, shape, step, weight, norm, mode):
     p_bf16 = patches.dtype == torch.bfloat16
     p_up = patches.dtype == torch.float16 or not patches.dtype.is_floating_point
     if mode == "deterministic":
-        block_y, block_x, n_yb, n_xb = _triton_tiles(dy, dx, _TRITON_GATHER_TILE)
+        # 2 KiB of accumulator per program: 512 fp32 / 256 fp64 (16-byte vectors either way)
+        tile = _TRITON_GATHER_TILE // (2 if acc == torch.float64 else 1)
+        block_y, block_x, n_yb, n_xb = _triton_tiles(dy, dx, tile)
         grid = (n_img * n_ch * dz * n_yb * n_xb,)
         tk._stitch_gather_kernel[grid](
             _triton_view(p5), _triton_view(out), w_arg, n_arg, sz, sy, sx,
@@ -518,7 +520,7 @@ def _stitch_triton(patches, shape, step, weight, norm, mode):
             HAS_WEIGHT=weight is not None, HAS_NORM=norm is not None,
             ACC_F64=acc == torch.float64, P_BF16=p_bf16, P_UPCAST=p_up,
             OUT_BF16=dst == torch.bfloat16, OUT_HALF=dst == torch.float16,
-            num_warps=_TRITON_WARPS,
+            num_warps=_TRITON_WARPS, num_stages=1,  # 2-3 trip loops: nothing to pipeline
         )
         return out
     # atomic: scatter-add into a zeroed accumulator, then one fused divide + cast pass
