@@ -1257,3 +1257,29 @@ def test_bug_no_invalid_omero_block(tmp_path):
     r = stack_files_to_ome_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "o", verbose=False)
     g = zarr.open_group(r["a"]["zarr_path"])
     assert "omero" not in g.attrs and "omero" not in g.attrs["ome"]  # qlty: omero without channels
+
+
+def test_ome_zarr_py_reader_opens_store(tmp_path):
+    """ome-zarr-py (the reference NGFF reader) opens the store as NGFF 0.5 (skipped if absent)."""
+    pytest.importorskip("ome_zarr.reader")
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    imgs = [rand((2, 20, 24), seed=i) for i in range(3)]
+    write_stack(tmp_path, "a", imgs)
+    r = stack_files_to_ome_zarr(
+        tmp_path,
+        ".tif",
+        PAT,
+        output_dir=tmp_path / "o",
+        axis_order="CZYX",
+        pyramid_levels=2,
+        unit="micrometer",
+        verbose=False,
+    )
+    loc = parse_url(r["a"]["zarr_path"])
+    assert loc.fmt.version == "0.5"
+    node = list(Reader(loc)())[0]
+    assert [a["name"] for a in node.metadata["axes"]] == ["c", "z", "y", "x"]
+    np.testing.assert_array_equal(np.asarray(node.data[0]), np.stack(imgs).transpose(1, 0, 2, 3))
+    assert tuple(node.data[1].shape) == (2, 3, 10, 12)
