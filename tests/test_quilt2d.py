@@ -436,3 +436,27 @@ def test_inputs_must_match_the_quilt_shape():
         q.unstitch_data_pair(torch.zeros(1, 1, 20, 16), torch.zeros(1, 1, 20, 15))
     with pytest.raises(AssertionError, match="same number of images"):
         q.unstitch_data_pair(torch.zeros(2, 1, 20, 16), torch.zeros(1, 20, 16))
+
+
+def test_compile_dynamic_batch_with_positions():
+    q = NCYXQuilt(13, 11, (5, 4), (3, 3), 1, 0.3)
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def f(x):
+        p, pos = q.unstitch(x, return_positions=True, add_positional_channels=True)
+        return q.stitch(conv(p[:, :3]))[0], pos
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
+    with torch.no_grad():
+        for n in (2, 3, 5):
+            x = torch.randn(n, 3, 13, 11)
+            (a, pa), (b, pb) = cf(x), f(x)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            assert torch.equal(pa, pb)
+
+
+def test_double_backward_through_quilt():
+    q = NCYXQuilt(9, 8, (4, 3), (2, 2), 1, 0.4)
+    x = torch.randn(1, 1, 9, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: q.stitch(q.unstitch(t) ** 2)[0], (x,))

@@ -244,3 +244,17 @@ def test_inputs_must_match_the_quilt_shape_3d():
     assert isinstance(e.value, AssertionError)
     with pytest.raises(AssertionError, match="same number of images"):
         q.unstitch_data_pair(torch.zeros(2, 1, 8, 9, 10), torch.zeros(3, 8, 9, 10))
+
+
+def test_compile_fullgraph_3d():
+    q = NCZYXQuilt(7, 8, 9, (3, 4, 5), (2, 3, 2), 1)
+    conv = torch.nn.Conv3d(2, 2, 3, padding=1)
+
+    def f(v):
+        return q.stitch(conv(q.unstitch(v)))[0]
+
+    torch._dynamo.reset()
+    v = torch.randn(1, 2, 7, 8, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(v), f(v),
+                                   rtol=1e-5, atol=1e-5)
