@@ -625,3 +625,42 @@ def test_torch_backend_paths_and_exported_references(geom):
     torch.testing.assert_close(got, ref_s, rtol=1e-12, atol=1e-12)
     got = opsq.stitch_reference(y, list(shape), list(step), w, nrm)
     torch.testing.assert_close(got, ref_s, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", STITCH_BACKENDS)
+def test_large_outputs_reused_safely(backend, monkeypatch):
+    """Large CPU outputs come from a reuse pool (qlty_gpu._alloc): live views must never be
+    handed out again, and a reused stitch accumulator must start from zero. The size
+    threshold is lowered so that small tensors exercise the pool."""
+    import gc
+
+    from qlty_gpu import _alloc
+
+    monkeypatch.setattr(_alloc, "_MIN_BYTES", 1)
+    monkeypatch.setenv("QLTY_GPU_HUGEPAGES", "1")
+    monkeypatch.setenv("QLTY_GPU_CPU_CACHE_MB", "64")
+    _alloc.empty_cache()
+    shape, window, step = (40, 36), (8, 8), (4, 4)
+    x1 = _rand((2, 3, *shape), torch.float32, seed=11)
+    x2 = _rand((2, 3, *shape), torch.float32, seed=12)
+    ref1, ref2 = oracle_unstitch(x1, window, step), oracle_unstitch(x2, window, step)
+    p1 = unstitch(x1, window, step, backend=backend)
+    view, arr = p1[5:7], p1.numpy()[5:7]
+    del p1
+    gc.collect()
+    p2 = unstitch(x2, window, step, backend=backend)
+    assert torch.equal(view, ref1[5:7]) and (arr == ref1[5:7].numpy()).all()
+    del view, arr
+    gc.collect()
+    pooled = _alloc.cached_bytes()
+    p3 = unstitch(x1, window, step, backend=backend)
+    assert torch.equal(p2, ref2) and torch.equal(p3, ref1)
+    nrm = QuiltPlan(shape, window, step).norm()
+    for _ in range(3):  # accumulators reused from the pool must not keep old sums
+        y = stitch(p3, shape, step, norm=nrm, backend=backend)
+        torch.testing.assert_close(y, x1, rtol=1e-5, atol=1e-5)
+        del y
+        gc.collect()
+    if backend == "numba" and _alloc._enabled():
+        assert pooled > 0 or _alloc.cached_bytes() > 0  # the pool really was exercised
+    _alloc.empty_cache()
