@@ -294,29 +294,26 @@ def _stitch_finalize_kernel(
 
 @triton.jit
 def _gather_plane(
-    p_ptr, w_ptr, sy_ptr, sx_ptr, base, lz, offs_y, offs_x, in_y, in_x,
+    p_base, w_ptr, sy_ptr, sx_ptr, lz, offs_y, offs_x, in_y, in_x,
     ky_lo, ky_hi, kx_lo, kx_hi, n_px, zero, stride_p_m, stride_p_y, stride_p_x,
     WY: tl.constexpr, WX: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
     X_ALIGN: tl.constexpr, HAS_WEIGHT: tl.constexpr, P_BF16: tl.constexpr,
     P_UPCAST: tl.constexpr, acc_t: tl.constexpr,
 ):
-    """Sum over the y/x patches of one z patch (window plane ``lz``, element offset ``base``)
+    """Sum over the y/x patches of one z patch (window plane ``lz``, first at ``p_base``)
     for one output tile: x patches inside y patches, each level from zero (fixed order)."""
     acc_y = tl.zeros([BLOCK_Y, BLOCK_X], dtype=acc_t)
     for ky in range(ky_lo, ky_hi):
         ly = offs_y - tl.load(sy_ptr + ky)  # (BY,) row inside the window
         ok_y = (ly >= 0) & (ly < WY) & in_y
-        base_y = base + (ky * n_px + zero) * stride_p_m
+        p_y = p_base + (ky * n_px + zero) * stride_p_m  # scalar pointer
         acc_x = tl.zeros([BLOCK_Y, BLOCK_X], dtype=acc_t)
         for kx in range(kx_lo, kx_hi):
             lx = offs_x - tl.multiple_of(tl.load(sx_ptr + kx), X_ALIGN)  # (BX,)
             ok_x = (lx >= 0) & (lx < WX) & in_x
             mask = ok_y[:, None] & ok_x[None, :]
-            p_off = (
-                base_y + (kx + zero) * stride_p_m
-                + ly[:, None] * stride_p_y + lx[None, :] * stride_p_x
-            )
-            v = _load_value(p_ptr + p_off, mask, P_BF16, P_UPCAST)
+            p_off = (kx + zero) * stride_p_m + ly[:, None] * stride_p_y + lx[None, :] * stride_p_x
+            v = _load_value(p_y + p_off, mask, P_BF16, P_UPCAST)
             if HAS_WEIGHT:
                 w_off = (lz * WY + ly[:, None]) * WX + lx[None, :]
                 v = v * tl.load(w_ptr + w_off, mask=mask, other=0)
@@ -384,7 +381,7 @@ def _stitch_gather_kernel(
     if WZ == 1:
         # 2-D (and 1-D) data: one z patch at 0; 0 + plane is exact, so skip the z level
         acc_z = _gather_plane(
-            p_ptr, w_ptr, sy_ptr, sx_ptr, base_nc, 0, offs_y, offs_x, in_y, in_x,
+            p_ptr + base_nc, w_ptr, sy_ptr, sx_ptr, 0, offs_y, offs_x, in_y, in_x,
             ky_lo, ky_hi, kx_lo, kx_hi, n_px, zero, stride_p_m, stride_p_y, stride_p_x,
             WY, WX, BLOCK_Y, BLOCK_X, X_ALIGN, HAS_WEIGHT, P_BF16, P_UPCAST, acc_t,
         )
@@ -394,14 +391,16 @@ def _stitch_gather_kernel(
             lz = z - tl.load(sz_ptr + kz)  # scalar offset inside the window
             base_z = base_nc + (kz * n_py * n_px + zero) * stride_p_m + lz * stride_p_z
             acc_z += _gather_plane(
-                p_ptr, w_ptr, sy_ptr, sx_ptr, base_z, lz, offs_y, offs_x, in_y, in_x,
+                p_ptr + base_z, w_ptr, sy_ptr, sx_ptr, lz, offs_y, offs_x, in_y, in_x,
                 ky_lo, ky_hi, kx_lo, kx_hi, n_px, zero, stride_p_m, stride_p_y, stride_p_x,
                 WY, WX, BLOCK_Y, BLOCK_X, X_ALIGN, HAS_WEIGHT, P_BF16, P_UPCAST, acc_t,
             )
 
+    # image-plane index n * C + c = pid // (n_xb * n_yb * size_z): one value, not two
+    nc = (tl.program_id(0) // (n_xb * n_yb * size_z)).to(tl.int64)
     in_img = in_y[:, None] & in_x[None, :]
     sp_off = (z * size_y + offs_y[:, None]) * size_x + offs_x[None, :]
     if HAS_NORM:
         acc_z = acc_z / tl.load(norm_ptr + sp_off, mask=in_img, other=1)
-    out_off = (n * n_ch + c) * size_z * size_y * size_x + sp_off
+    out_off = nc * size_z * size_y * size_x + sp_off
     tl.store(out_ptr + out_off, _cast_out(acc_z, out_ptr, OUT_BF16, OUT_HALF), mask=in_img)

@@ -396,6 +396,25 @@ def _triton_tiles(wy: int, wx: int, tile: int = _TRITON_TILE) -> tuple:
     return block_y, block_x, -(-wy // block_y), -(-wx // block_x)
 
 
+def _gather_tiles(dy: int, dx: int, sty: int, stx: int, acc_bytes: int) -> tuple:
+    """Output tile of the deterministic stitch: (BLOCK_Y, BLOCK_X, n_yb, n_xb, num_warps).
+
+    An x edge that divides the x step meets exactly ceil(w/s) patches (plus the clamped last
+    one), each covering the whole edge, so no masked-off load lanes along x: the largest
+    power of two dividing the step, in [16, 128] (64 when the step has no such factor).
+    Rows fill 2 KiB of accumulator (y-candidates are then partly masked, see GPU.md); one
+    warp per 128 fp32 (4 consecutive per thread: 16-byte vectors). Aligning y to the step
+    too (16x16 tiles in 3-D) was tried: on 2 warps it spills on sm_90, on 4 it loses the
+    16-byte vectors.
+    """
+    cap = _TRITON_GATHER_TILE * 4 // acc_bytes  # 2 KiB of accumulator: 512 fp32 / 256 fp64
+    ax = stx & -stx  # largest power of two dividing the x step
+    block_x = min(ax if ax >= 16 else 64, 128, triton_next_pow2(dx))
+    block_y = min(max(1, cap // block_x), triton_next_pow2(dy))
+    warps = max(1, min(_TRITON_WARPS, block_y * block_x * acc_bytes // 512))
+    return block_y, block_x, -(-dy // block_y), -(-dx // block_x), warps
+
+
 def triton_next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -505,9 +524,9 @@ def _stitch_triton(patches, shape, step, weight, norm, mode):
     p_bf16 = patches.dtype == torch.bfloat16
     p_up = patches.dtype == torch.float16 or not patches.dtype.is_floating_point
     if mode == "deterministic":
-        # 2 KiB of accumulator per program: 512 fp32 / 256 fp64 (16-byte vectors either way)
-        tile = _TRITON_GATHER_TILE // (2 if acc == torch.float64 else 1)
-        block_y, block_x, n_yb, n_xb = _triton_tiles(dy, dx, tile)
+        block_y, block_x, n_yb, n_xb, warps = _gather_tiles(
+            dy, dx, sty, stx, acc.itemsize if acc.is_floating_point else 4
+        )
         grid = (n_img * n_ch * dz * n_yb * n_xb,)
         tk._stitch_gather_kernel[grid](
             _triton_view(p5), _triton_view(out), w_arg, n_arg, sz, sy, sx,
@@ -520,7 +539,7 @@ def _stitch_triton(patches, shape, step, weight, norm, mode):
             HAS_WEIGHT=weight is not None, HAS_NORM=norm is not None,
             ACC_F64=acc == torch.float64, P_BF16=p_bf16, P_UPCAST=p_up,
             OUT_BF16=dst == torch.bfloat16, OUT_HALF=dst == torch.float16,
-            num_warps=_TRITON_WARPS, num_stages=1,  # 2-3 trip loops: nothing to pipeline
+            num_warps=warps, num_stages=1,  # 2-3 trip loops: nothing to pipeline
         )
         return out
     # atomic: scatter-add into a zeroed accumulator, then one fused divide + cast pass
