@@ -18,7 +18,7 @@ import tifffile
 import zarr
 
 import qlty_gpu.utils.stack_to_zarr as s2z
-from qlty_gpu.errors import QltyError
+from qlty_gpu.errors import QltyDependencyError, QltyError
 from qlty_gpu.io.images import ImageReadError
 from qlty_gpu.utils.stack_to_zarr import (
     NGFFConformanceWarning,
@@ -375,7 +375,7 @@ def test_load_image_no_library_runtime_error(tmp_path, monkeypatch):
     monkeypatch.setattr(s2z, "Image", None, raising=False)
     with pytest.raises(RuntimeError, match="Cannot load image.*No suitable library"):
         s2z._load_image(p)
-    with pytest.raises(QltyError, match="No suitable library"):
+    with pytest.raises(QltyDependencyError, match=r"No suitable library.*qlty_gpu\[io\]"):
         stack_files_to_zarr(tmp_path, ".tif", PAT)
 
 

@@ -33,6 +33,7 @@ from ..errors import QltyDependencyError, QltyError
 
 __all__ = [
     "ImageReadError",
+    "MissingImageLibraryError",
     "ImageProbe",
     "AUTO",
     "read_image",
@@ -63,6 +64,14 @@ class ImageReadError(QltyError, RuntimeError):
     """
 
 
+class MissingImageLibraryError(ImageReadError, QltyDependencyError):
+    """Neither tifffile nor Pillow can read the file (``pip install 'qlty_gpu[io]'``).
+
+    A :class:`~qlty_gpu.errors.QltyDependencyError` (``ImportError``) and, for qlty
+    compatibility, a ``RuntimeError``.
+    """
+
+
 def _lazy(module: str) -> Any:
     try:
         if module == "PIL.Image":
@@ -85,7 +94,7 @@ def _resolve(tifffile: Any, pil_image: Any) -> tuple[Any, Any]:
 
 
 def _no_library(path: Path) -> ImageReadError:
-    err = ImageReadError(
+    err = MissingImageLibraryError(
         f"Cannot load image {path}: No suitable library available. "
         "Install tifffile or Pillow: pip install 'qlty_gpu[io]'"
     )
@@ -308,12 +317,3 @@ def read_image_cyx(
             f"but its header announced layout {layout}"
         )
     return to_cyx(img, layout)
-
-
-def require_image_library(tifffile: Any = AUTO, pil_image: Any = AUTO) -> None:
-    """Raise :class:`QltyDependencyError` when neither tifffile nor Pillow can be imported."""
-    tif, pil = _resolve(tifffile, pil_image)
-    if tif is None and pil is None:
-        raise QltyDependencyError(
-            "reading image files needs tifffile or Pillow: pip install 'qlty_gpu[io]'"
-        )
