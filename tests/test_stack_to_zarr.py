@@ -1283,3 +1283,37 @@ def test_ome_zarr_py_reader_opens_store(tmp_path):
     assert [a["name"] for a in node.metadata["axes"]] == ["c", "z", "y", "x"]
     np.testing.assert_array_equal(np.asarray(node.data[0]), np.stack(imgs).transpose(1, 0, 2, 3))
     assert tuple(node.data[1].shape) == (2, 3, 10, 12)
+
+
+def test_normalize_with_given_and_global_statistics(tmp_path):
+    imgs = [rand((8, 8), np.uint16, i) for i in range(3)]
+    write_stack(tmp_path, "a", imgs)
+    vol = np.stack(imgs).astype(np.float64)
+    r = stack_files_to_ome_zarr(
+        tmp_path,
+        ".tif",
+        PAT,
+        output_dir=tmp_path / "o",
+        normalize=True,
+        normalize_mean=1000.0,
+        normalize_std=10.0,
+        verbose=False,
+    )
+    lvl0 = zarr.open_group(r["a"]["zarr_path"])["0"][:]
+    np.testing.assert_allclose(lvl0, (vol - 1000.0) / 10.0, rtol=1e-5)
+    # only the mean given: the std is the pooled std of the whole stack
+    r = stack_files_to_ome_zarr(
+        tmp_path,
+        ".tif",
+        PAT,
+        output_dir=tmp_path / "p",
+        normalize=True,
+        normalize_mean=0.0,
+        verbose=False,
+    )
+    lvl0 = zarr.open_group(r["a"]["zarr_path"])["0"][:]
+    np.testing.assert_allclose(lvl0, vol / vol.std(), rtol=1e-5)
+    with pytest.raises(QltyError, match="normalize_std must be non-zero"):
+        stack_files_to_zarr(
+            tmp_path, ".tif", PAT, output_dir=tmp_path / "q", normalize=True, normalize_std=0
+        )
