@@ -385,3 +385,32 @@ def test_assigned_weight_is_used_by_stitch_like_qlty():
     r_ours, n_ours = ours.stitch(p)
     torch.testing.assert_close(n_ours, n_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(r_ours, r_ref, rtol=1e-5, atol=1e-5)
+
+
+@st.composite
+def dividing_geometry3d(draw):
+    shape, window, step = [], [], []
+    for _ in range(3):
+        w = draw(st.integers(1, 5))
+        s = draw(st.integers(1, w))
+        n = draw(st.integers(1, 3))
+        shape.append(w + s * (n - 1))  # (D - w) % s == 0: the only sizes qlty 1.5.0 handles
+        window.append(w)
+        step.append(s)
+    border = draw(st.one_of(st.none(), st.integers(0, 2), st.tuples(*[st.integers(0, 2)] * 3)))
+    return (*shape, tuple(window), tuple(step), border, draw(st.floats(0.0, 1.0)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(dividing_geometry3d())
+def test_3d_matches_qlty_on_random_dividing_geometries(geom):
+    Z, Y, X, w, s, b, bw = geom
+    ours, ref = NCZYXQuilt(Z, Y, X, w, s, b, bw), qlty.NCZYXQuilt(Z, Y, X, w, s, b, bw)
+    _same_attributes(ours, ref, ("Z", "Y", "X"))
+    x = torch.randn(2, 2, Z, Y, X)
+    p = ours.unstitch(x)
+    assert torch.equal(p, ref.unstitch(x))
+    patches = torch.randn_like(p)
+    (r_ours, n_ours), (r_ref, n_ref) = ours.stitch(patches), ref.stitch(patches)
+    torch.testing.assert_close(n_ours, n_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(r_ours, r_ref, rtol=1e-5, atol=1e-5)
