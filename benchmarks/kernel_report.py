@@ -143,10 +143,9 @@ def _tool(name: str) -> str:
 def compile_variant(name, args, kwargs, cc: int) -> dict:
     """Compile one launch for ``sm_<cc>``; registers, spills, shared memory, vector widths."""
     import triton
+    from qlty_gpu.kernels import triton_quilt as tk
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from qlty_gpu.kernels import triton_quilt as tk
 
     fn = getattr(tk, name)
     sig, cexp, attrs = _specialise(fn, args, kwargs)
