@@ -279,7 +279,7 @@ def test_gaps_warn_record_and_fill(tmp_path, capsys):
         r = stack_files_to_zarr(tmp_path, ".tif", PAT, output_dir=tmp_path / "f", fill_gaps=True)
     arr = zarr.open_array(r["gap"]["zarr_path"])
     assert arr.shape == (5, 4, 4) and arr[:, 0, 0].tolist() == [0, 1, 0, 0, 4]
-    assert capsys.readouterr().out == ""  # a warning, not a print
+    assert "missing counters: [2, 3]" in capsys.readouterr().out  # qlty printed it; kept
 
 
 def test_fill_gaps_rejects_duplicate_counters(tmp_path):
@@ -1317,3 +1317,18 @@ def test_normalize_with_given_and_global_statistics(tmp_path):
         stack_files_to_zarr(
             tmp_path, ".tif", PAT, output_dir=tmp_path / "q", normalize=True, normalize_std=0
         )
+
+
+def test_gap_report_goes_to_stdout_like_qlty(tmp_path, capsys):
+    """qlty's pinned behaviour (spec §5): the gap report is printed and says 'missing counters'."""
+    import numpy as np
+    import tifffile
+
+    from qlty_gpu.utils.stack_to_zarr import StackGapWarning, stack_files_to_zarr
+
+    for i in (0, 1, 4):
+        tifffile.imwrite(tmp_path / f"s_{i:03d}.tif", np.full((8, 8), i, dtype=np.uint16))
+    with pytest.warns(StackGapWarning):
+        stack_files_to_zarr(str(tmp_path), ".tif", r"(.+)_(\d+)\.tif$", output_dir=str(tmp_path / "o"))
+    out = capsys.readouterr().out
+    assert "missing counters" in out and "[2, 3]" in out

@@ -23,7 +23,8 @@ with its bugs fixed:
   file raises :class:`~qlty_gpu.errors.QltyError` naming the file. Each store is written
   under ``<name>.partial-<pid>`` and renamed into place only when complete, so a failed or
   interrupted conversion never leaves a store that looks finished.
-* Gaps in the counters emit a :class:`StackGapWarning` (qlty printed) and are recorded in the
+* Gaps in the counters are printed to stdout as qlty did ("missing counters", kept because
+  qlty's tests read it), emit a :class:`StackGapWarning`, and are recorded in the
   metadata; ``fill_gaps=True`` keeps each slice at ``z = counter - min`` with zeros in gaps.
 
 Example:
@@ -251,6 +252,9 @@ def _discover(
         )
     for st in stacks:
         if st.missing:
+            # qlty's report goes to stdout and its tests read it there (spec §5: kept); the
+            # warning makes the same fact catchable and filterable.
+            print(f"Warning: Stack '{st.basename}' has missing counters: {st.missing}")
             warnings.warn(
                 f"Stack '{st.basename}' has missing counters: {st.missing} "
                 "(slices are packed in counter order; pass fill_gaps=True to keep z = counter)",
