@@ -15,7 +15,34 @@ from .errors import QltyError
 from .geometry import QuiltPlan
 from .quilt import NCYXQuilt, NCZYXQuilt
 
+# Image-stack conversion pulls in zarr and image readers: imported on first use.
+_LAZY = {
+    "stack_files_to_zarr": "qlty_gpu.utils.stack_to_zarr",
+    "stack_files_to_ome_zarr": "qlty_gpu.utils.stack_to_zarr",
+    "stack_files_to_ome_zarr_laplacian": "qlty_gpu.utils.stack_to_zarr",
+    "reconstruct_from_laplacian_pyramid": "qlty_gpu.utils.stack_to_zarr",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'qlty_gpu' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
+
 __all__ = [
+    "reconstruct_from_laplacian_pyramid",
+    "stack_files_to_ome_zarr",
+    "stack_files_to_ome_zarr_laplacian",
+    "stack_files_to_zarr",
     "NCYXQuilt",
     "NCZYXQuilt",
     "QltyError",
