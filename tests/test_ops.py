@@ -664,3 +664,33 @@ def test_large_outputs_reused_safely(backend, monkeypatch):
     if backend == "numba" and _alloc._enabled():
         assert pooled > 0 or _alloc.cached_bytes() > 0  # the pool really was exercised
     _alloc.empty_cache()
+
+
+@pytest.mark.parametrize("backend", STITCH_BACKENDS)
+def test_concurrent_calls_from_threads(backend):
+    """Ops called from several Python threads at once (data loaders, thread pools)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shape, window, step = (40, 36), (8, 8), (4, 4)
+    plan = QuiltPlan(shape, window, step, 2, 0.5)
+    w, nrm = plan.weight(), plan.norm()
+    stitch(unstitch(torch.zeros(1, 1, *shape), window, step, backend=backend), shape, step,
+           backend=backend)  # warm up (JIT, threading layer)
+    if backend == "numba":
+        import numba
+
+        if numba.threading_layer() == "workqueue":
+            pytest.skip("numba's workqueue threading layer aborts on concurrent calls")
+    xs = [_rand((2, 2, *shape), torch.float32, seed=20 + i) for i in range(6)]
+
+    def work(x):
+        for _ in range(5):
+            y = stitch(unstitch(x, window, step, weight=w, backend=backend), shape, step,
+                       norm=nrm * nrm, backend=backend)  # weight on the way out this time
+        ref = stitch(unstitch(x, window, step, backend="torch"), shape, step, weight=w,
+                     norm=nrm * nrm, backend="torch")
+        return float((y - ref).abs().max())
+
+    with ThreadPoolExecutor(3) as ex:
+        errs = list(ex.map(work, xs))
+    assert max(errs) < 1e-5
