@@ -200,8 +200,8 @@ def report(archs=ARCHS) -> list[dict]:
 
 
 def _markdown(rows) -> str:
-    cols = ["variant", "kernel", "sm", "grid", "regs", "local", "shared", "ldg128", "ldg",
-            "stg128", "stg", "atomics"]
+    cols = ["variant", "kernel", "sm", "grid", "regs", "stack", "local", "shared", "ldg128",
+            "ldg", "stg128", "stg", "atomics"]
     head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     body = ""
     for r in rows:
