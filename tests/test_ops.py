@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -694,3 +695,38 @@ def test_concurrent_calls_from_threads(backend):
     with ThreadPoolExecutor(3) as ex:
         errs = list(ex.map(work, xs))
     assert max(errs) < 1e-5
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: the numba kernels are parallel=True and the library leaves numba's threading "
+    "layer to chance; where only 'workqueue' is available (no OpenMP/TBB) concurrent calls "
+    "from Python threads abort the process (SIGABRT). Fix: serialise numba launches with a "
+    "lock when numba.threading_layer() == 'workqueue', or ask for a thread-safe layer",
+)
+def test_numba_concurrent_calls_survive_the_workqueue_layer(tmp_path):
+    if "numba" not in STITCH_BACKENDS:
+        pytest.skip("numba not available")
+    import subprocess
+    import sys
+
+    script = tmp_path / "threads.py"
+    script.write_text(
+        "import torch\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "from qlty_gpu.ops import stitch, unstitch\n"
+        "def work(seed):\n"
+        "    x = torch.randn(2, 3, 96, 96)\n"
+        "    for _ in range(30):\n"
+        "        stitch(unstitch(x, (16, 16), (8, 8), backend='numba'), (96, 96), (8, 8),\n"
+        "               backend='numba')\n"
+        "    return 0\n"
+        "work(0)\n"
+        "with ThreadPoolExecutor(6) as ex:\n"
+        "    list(ex.map(work, range(12)))\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=240)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-500:]
