@@ -108,11 +108,31 @@ def capture_launches() -> list:
     return out
 
 
+def _specialise_arg(v):
+    """(type, 'D' | '' | constexpr value) of one runtime argument, as the JIT specialises it:
+    Triton's own routine where it exists (3.5+), else the same rules written out."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+
+        return native_specialize_impl(BaseBackend, v, False, True, True)
+    except ImportError:  # older Triton: ints == 1 fold to constants, 16-divisibility -> "D"
+        if isinstance(v, bool):
+            return "u1", None
+        if isinstance(v, int):
+            if v == 1:
+                return "constexpr", 1
+            ty = "i32" if -(2**31) <= v < 2**31 else "i64"
+            return ty, "D" if v % 16 == 0 else ""
+        if isinstance(v, float):
+            return "fp32", None
+        from triton.runtime.jit import mangle_type
+
+        return mangle_type(v), "D" if v.data_ptr() % 16 == 0 else ""
+
+
 def _specialise(fn, args, kwargs):
     """signature, constexprs, attrs exactly as the JIT would build them for this launch."""
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend
-
     names = fn.arg_names
     bound = dict(zip(names, args))
     bound.update({k: v for k, v in kwargs.items() if k in names})
@@ -123,7 +143,7 @@ def _specialise(fn, args, kwargs):
             signature[name] = "constexpr"
             constexprs[name] = v
             continue
-        ty, spec = native_specialize_impl(BaseBackend, v, False, True, True)
+        ty, spec = _specialise_arg(v)
         if ty == "constexpr":
             signature[name] = "constexpr"
             constexprs[name] = spec

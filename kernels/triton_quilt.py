@@ -266,7 +266,7 @@ def _stitch_atomic_kernel(
                     other=0)
         v = v * w
     acc_off = (
-        ((n * n_ch + c) * size_z + z0 + z) * (size_y * size_x)
+        ((n * n_ch + c) * size_z + z0 + z) * size_y * size_x  # int64 from the left
         + (y0 + offs_y)[:, None] * size_x + (x0 + offs_x)[None, :]
     )
     tl.atomic_add(acc_ptr + acc_off, v, mask=mask_tile, sem="relaxed")
