@@ -327,7 +327,8 @@ def test_public_quilt_methods_triton_equals_torch(monkeypatch):
 
 # ------------------------------------------------------------------ int64 / rules
 def test_int64_offsets_in_subprocess():
-    """Input offsets past 2**31 elements, read by a 16-program launch.
+    """Input offsets past 2**31 elements: unstitch of a 2 GiB uint8 image (8 patches) and
+    stitch of patches strided 2**30 apart, each in a launch of a few programs.
 
     An output with > 2**31 elements would need > 2 million interpreter programs (hours on
     CPU); that side is covered by the same int64 ``pid``-first arithmetic (checked in
@@ -348,6 +349,16 @@ def test_int64_offsets_in_subprocess():
         ref = torch.stack([x[0, :, r, s:s + 16] for r in range(2) for s in starts])
         assert got.shape == (8, 1, 1, 16), got.shape
         assert torch.equal(got[:, :, 0], ref), (got, ref)
+        del x, got
+        # stitch reading patches at element offsets 0, 2**30, 2**31 (3 patches, 1 row)
+        big = torch.empty(2**31 + 16, dtype=torch.uint8)
+        pt = big.as_strided((3, 1, 1, 16), (2**30, 16, 16, 1))
+        for k in range(3):
+            pt[k] = torch.arange(16, dtype=torch.uint8) + 10 * k
+        ref = q.stitch_reference(pt.clone(), [1, 32], [1, 8])
+        for mode in ("deterministic", "atomic"):
+            got = q._stitch_triton(pt, [1, 32], [1, 8], None, None, mode)
+            assert torch.equal(got, ref), (mode, got, ref)
         print("ok")
         """
     )
