@@ -483,3 +483,38 @@ def test_editing_returned_norma_does_not_affect_later_stitches(dims):
     again, norma2 = q.stitch(p)
     torch.testing.assert_close(again, x, rtol=1e-5, atol=1e-5)
     assert norma2.data_ptr() != norma.data_ptr()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG (regression vs qlty): after any numba-backed call in the parent, a forked "
+    "DataLoader worker that unstitches dies ('fork() called from a process already using GNU "
+    "OpenMP, this is unsafe'). qlty 1.5.0's unstitch is pure torch, so the same script works "
+    "with qlty. Fix idea: os.register_at_fork(after_in_child=...) -> torch backend or "
+    "non-parallel numba kernels in forked children",
+)
+def test_forked_dataloader_workers_can_unstitch(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "loader.py"
+    script.write_text(
+        "import torch\n"
+        "from torch.utils.data import DataLoader, Dataset\n"
+        "from qlty_gpu import NCYXQuilt\n"
+        "q = NCYXQuilt(32, 32, (16, 16), (8, 8), 2, 0.5)\n"
+        "imgs = torch.randn(4, 3, 32, 32)\n"
+        "labels = torch.randint(0, 3, (4, 32, 32))\n"
+        "q.stitch(q.unstitch(imgs[:1]))  # e.g. a sanity check in the main process first\n"
+        "class DS(Dataset):\n"
+        "    def __len__(self):\n"
+        "        return 4\n"
+        "    def __getitem__(self, i):\n"
+        "        return q.unstitch_data_pair(imgs[i:i + 1], labels[i:i + 1], missing_label=-1)\n"
+        "dl = DataLoader(DS(), batch_size=2, num_workers=2, multiprocessing_context='fork')\n"
+        "print('ok', sum(a.shape[0] for a, _ in dl))\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=240)
+    assert proc.returncode == 0 and "ok 4" in proc.stdout, proc.stderr[-800:]
