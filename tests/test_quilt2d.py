@@ -518,3 +518,20 @@ def test_forked_dataloader_workers_can_unstitch(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           env=dict(os.environ), timeout=240)
     assert proc.returncode == 0 and "ok 4" in proc.stdout, proc.stderr[-800:]
+
+
+def test_quilts_pickle_and_deepcopy():
+    """Datasets holding a quilt are pickled by spawn-based DataLoader workers."""
+    import copy
+    import pickle
+
+    from qlty_gpu import NCZYXQuilt
+
+    for q, x in ((NCYXQuilt(20, 16, (8, 8), (4, 4), 1, 0.3), torch.randn(2, 1, 20, 16)),
+                 (NCZYXQuilt(8, 9, 7, (4, 4, 4), (2, 3, 2), 1), torch.randn(1, 2, 8, 9, 7))):
+        ref, ref_n = q.stitch(q.unstitch(x))
+        for other in (pickle.loads(pickle.dumps(q)), copy.deepcopy(q)):
+            assert other.plan == q.plan and other.get_times() == q.get_times()
+            assert torch.equal(other.weight, q.weight)
+            res, n = other.stitch(other.unstitch(x))
+            assert torch.equal(res, ref) and torch.equal(n, ref_n)
