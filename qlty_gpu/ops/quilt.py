@@ -357,6 +357,22 @@ def _triton_kernels():
     return triton_quilt
 
 
+def _launch(kernel, grid: tuple, device: torch.device, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` on the tensors' CUDA device (not just the current
+    one). Grids are 1-D and must stay below 2**31 programs (the CUDA limit, and what lets
+    the kernels decompose ``pid`` in int32)."""
+    if grid[0] >= 2**31:
+        raise QltyError(
+            f"this quilt needs {grid[0]} Triton programs, more than the 2**31 - 1 one launch "
+            f"can have; split the batch (N) or the channels (C) and call again"
+        )
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            kernel[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
 def _triton_starts(plan, device) -> tuple:
     """(starts_z, starts_y, starts_x) int64 device tensors of the plan padded to 3 axes."""
     key = (plan, device)
@@ -470,7 +486,7 @@ def _unstitch_triton(
         f_arg = _triton_view(torch.empty(1, dtype=dst, device=dev).fill_(fill_value))
     block_y, block_x, n_yb, n_xb = _triton_tiles(wy, wx)
     grid = (out.shape[0] * out.shape[1] * wz * n_yb * n_xb,)
-    tk._unstitch_kernel[grid](
+    _launch(tk._unstitch_kernel, grid, dev,
         _triton_view(x5), _triton_view(out), w_arg, m_arg, f_arg, sz, sy, sx,
         n_ch, n_ch + n_pos, counts[1], counts[2], n_p,
         dz, dy, dx,
@@ -528,7 +544,7 @@ def _stitch_triton(patches, shape, step, weight, norm, mode):
             dy, dx, sty, stx, acc.itemsize if acc.is_floating_point else 4
         )
         grid = (n_img * n_ch * dz * n_yb * n_xb,)
-        tk._stitch_gather_kernel[grid](
+        _launch(tk._stitch_gather_kernel, grid, dev,
             _triton_view(p5), _triton_view(out), w_arg, n_arg, sz, sy, sx,
             n_ch, nz, ny, nx, n_p,
             dz, dy, dx, stz, sty, stx,
@@ -548,7 +564,7 @@ def _stitch_triton(patches, shape, step, weight, norm, mode):
         accum.zero_()
     block_y, block_x, n_yb, n_xb = _triton_tiles(wy, wx)
     grid = (patches.shape[0] * n_ch * wz * n_yb * n_xb,)
-    tk._stitch_atomic_kernel[grid](
+    _launch(tk._stitch_atomic_kernel, grid, dev,
         _triton_view(p5), accum, w_arg, sz, sy, sx,
         n_ch, ny, nx, n_p,
         dz, dy, dx,
@@ -562,7 +578,7 @@ def _stitch_triton(patches, shape, step, weight, norm, mode):
     if norm is None and accum is out:
         return out
     numel = accum.numel()
-    tk._stitch_finalize_kernel[(triton_cdiv(numel, _TRITON_TILE),)](
+    _launch(tk._stitch_finalize_kernel, (triton_cdiv(numel, _TRITON_TILE),), dev,
         accum, n_arg, _triton_view(out), numel, dz * dy * dx,
         BLOCK=_TRITON_TILE, HAS_NORM=norm is not None,
         OUT_BF16=dst == torch.bfloat16, OUT_HALF=dst == torch.float16,
