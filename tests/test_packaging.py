@@ -94,3 +94,15 @@ def test_installed_wheel_imports_its_kernels(wheel, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_wheel_metadata_has_the_test_extra_with_the_reference(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        meta_name = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        meta = z.read(meta_name).decode()
+    assert "Provides-Extra: test" in meta
+    reqs = [line for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    assert any("qlty==1.5.0" in r and 'extra == "test"' in r for r in reqs), reqs
+    for dep in ("torch", "numpy", "numba"):
+        assert any(r.split(":", 1)[1].strip().startswith(dep) and "extra ==" not in r
+                   for r in reqs), dep
