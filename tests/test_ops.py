@@ -730,3 +730,19 @@ def test_numba_concurrent_calls_survive_the_workqueue_layer(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           env=env, timeout=240)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-500:]
+
+
+@pytest.mark.parametrize("backend", STITCH_BACKENDS)
+def test_inference_mode_and_no_grad(backend):
+    shape, window, step = (20, 16), (8, 8), (4, 4)
+    nrm = QuiltPlan(shape, window, step).norm()
+    x = _rand((2, 1, *shape), torch.float32)
+    with torch.inference_mode():
+        y = stitch(unstitch(x, window, step, backend=backend), shape, step, norm=nrm,
+                   backend=backend)
+    assert y.is_inference()
+    torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+    xg = x.clone().requires_grad_(True)
+    with torch.no_grad():
+        y = stitch(unstitch(xg, window, step, backend=backend), shape, step, backend=backend)
+    assert not y.requires_grad
