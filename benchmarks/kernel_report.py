@@ -171,7 +171,8 @@ def compile_variant(name, args, kwargs, cc: int) -> dict:
     sig, cexp, attrs = _specialise(fn, args, kwargs)
     src = ASTSource(fn=fn, signature=sig, constexprs=cexp, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                       options={k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs})
+                       options={k: kwargs[k] for k in ("num_warps", "num_stages", "enable_fp_fusion")
+                                if k in kwargs})
     with tempfile.TemporaryDirectory() as d:
         cubin = Path(d) / "k.cubin"
         cubin.write_bytes(k.asm["cubin"])
@@ -201,6 +202,9 @@ def compile_variant(name, args, kwargs, cc: int) -> dict:
         "atomics": sorted(set(red)),
         "ptx_wide_mul": len(re.findall(r"mul\.wide\.[su]32|mul\.lo\.s64|mad\.lo\.s64",
                                        k.asm["ptx"])),
+        # exactness vs torch: approximate division or mul+add contraction would break it
+        "ptx_inexact": sorted(set(re.findall(r"\b(div\.(?:full|approx)\.f32|fma\.rn\.f(?:32|64))",
+                                             k.asm["ptx"]))),
     }
 
 

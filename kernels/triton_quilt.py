@@ -72,6 +72,16 @@ def _cast_out(v, out_ptr, OUT_BF16: tl.constexpr, OUT_HALF: tl.constexpr):
 
 
 @triton.jit
+def _div_rn(a, b):
+    """IEEE round-to-nearest division, as torch's: fp32 ``/`` is ``div.full.f32`` (2 ulp)."""
+    if a.dtype == tl.float64:
+        r = a / b  # div.rn.f64
+    else:
+        r = tl.div_rn(a, b)
+    return r
+
+
+@triton.jit
 def _k_range(lo, hi, size, step, count, W: tl.constexpr):
     """Patches ``[k_lo, k_hi)`` along one axis whose window meets pixels ``[lo, hi)``.
 
@@ -288,7 +298,7 @@ def _stitch_finalize_kernel(
     mask = offs < numel
     v = tl.load(acc_ptr + offs, mask=mask, other=0)
     if HAS_NORM:
-        v = v / tl.load(norm_ptr + offs % spatial, mask=mask, other=1)
+        v = _div_rn(v, tl.load(norm_ptr + offs % spatial, mask=mask, other=1))
     tl.store(out_ptr + offs, _cast_out(v, out_ptr, OUT_BF16, OUT_HALF), mask=mask)
 
 
@@ -341,8 +351,9 @@ def _stitch_gather_kernel(
     patches whose windows meet its tile (``_k_range`` on each axis of the start tables, the
     clamped last patch included) and sums them in a fixed nested order — x patches inside
     y patches inside z patches, each level from zero — which is the order of the torch
-    reference's per-axis ``index_add``, so results are bit-identical run to run (and to the
-    reference on CPU). Then divides by ``norm`` and casts, fused. ``p_ptr`` (N*P, C, WZ, WY,
+    reference's per-axis ``index_add``, so results are bit-identical run to run and to the
+    reference (launched with ``enable_fp_fusion=False``: no mul+add -> FMA contraction; and
+    ``div_rn``). Then divides by ``norm`` and casts, fused. ``p_ptr`` (N*P, C, WZ, WY,
     WX) any strides; ``out_ptr`` (N, C, DZ, DY, DX) contiguous; ``w_ptr`` window-shaped and
     ``norm_ptr`` (DZ, DY, DX) contiguous in the accumulation dtype (fp64 iff ACC_F64).
     X_ALIGN: a power of two dividing every x start (vectorised patch loads).
@@ -401,6 +412,7 @@ def _stitch_gather_kernel(
     in_img = in_y[:, None] & in_x[None, :]
     sp_off = (z * size_y + offs_y[:, None]) * size_x + offs_x[None, :]
     if HAS_NORM:
-        acc_z = acc_z / tl.load(norm_ptr + sp_off, mask=in_img, other=1)
+        # IEEE division (``/`` on fp32 is div.full.f32, 2 ulp) to match torch bit for bit
+        acc_z = _div_rn(acc_z, tl.load(norm_ptr + sp_off, mask=in_img, other=1))
     out_off = nc * size_z * size_y * size_x + sp_off
     tl.store(out_ptr + out_off, _cast_out(acc_z, out_ptr, OUT_BF16, OUT_HALF), mask=in_img)

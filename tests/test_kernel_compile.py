@@ -10,7 +10,9 @@ reads the cubins with the ``cuobjdump`` bundled in the Triton wheel. Here we che
   8 CTAs of 128 threads per SM, 50% occupancy, see benchmarks/GPU.md);
 * fp32 data loads and stores along the contiguous axis are 16-byte vectorised
   (``LDG.E.128`` / ``STG.E.128``), and stitch atomics compile to fire-and-forget ``RED``;
-* address arithmetic is 64-bit in the PTX.
+* address arithmetic is 64-bit in the PTX;
+* no approximate division (``div.full.f32``) or FMA contraction where results must equal
+  torch's bit for bit.
 """
 
 from __future__ import annotations
@@ -91,3 +93,12 @@ def test_vectorised_fp32_loads_and_stores(rows):
 def test_sixty_four_bit_addressing(rows):
     for r in rows:
         assert r["ptx_wide_mul"] > 0, f"{r['variant']} {r['kernel']}: no 64-bit index math"
+
+
+def test_exact_arithmetic_where_results_must_match_torch(rows):
+    """No approximate fp32 division and no mul+add -> FMA contraction in the kernels whose
+    results are compared bit for bit (unstitch, deterministic stitch, finalize)."""
+    for r in rows:
+        if r["kernel"] in ("_unstitch_kernel", "_stitch_gather_kernel",
+                           "_stitch_finalize_kernel"):
+            assert not r["ptx_inexact"], f"{r['variant']} {r['kernel']}: {r['ptx_inexact']}"

@@ -556,6 +556,7 @@ def _stitch_triton(patches, shape, step, weight, norm, mode):
             ACC_F64=acc == torch.float64, P_BF16=p_bf16, P_UPCAST=p_up,
             OUT_BF16=dst == torch.bfloat16, OUT_HALF=dst == torch.float16,
             num_warps=warps, num_stages=1,  # 2-3 trip loops: nothing to pipeline
+            enable_fp_fusion=False,  # separate mul and add, as torch: bit-identical sums
         )
         return out
     # atomic: scatter-add into a zeroed accumulator, then one fused divide + cast pass
