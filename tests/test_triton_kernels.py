@@ -393,6 +393,17 @@ def test_cuda_matches_reference(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_deterministic_bitwise_equals_cpu_reference(case):
+    """IEEE div_rn + no FMA contraction + the reference's summation order (GPU.md §1)."""
+    p, shape, s, plan = _patches(case)
+    bplan = QuiltPlan(tuple(shape), plan.window, tuple(s), border=1, border_weight=0.3)
+    w, n = bplan.weight(), bplan.norm()
+    got = q.stitch(p.cuda(), shape, s, weight=w.cuda(), norm=n.cuda(), mode="deterministic")
+    _same(got.cpu(), q.stitch_reference(p, shape, s, w, n))
+
+
+@pytest.mark.gpu
 def test_cuda_deterministic_run_to_run_and_large():
     plan = plan_for((128, 128, 128), (32, 32, 32), (16, 16, 16))
     p = torch.randn(plan.patches_per_image, 2, 32, 32, 32, device="cuda")
