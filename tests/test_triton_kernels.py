@@ -180,6 +180,27 @@ def test_stitch_atomic(case, dtype):
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize(
+    "shape,window,step",
+    [
+        ((1, 1, 21, 50), (20, 32), (16, 16)),  # gather x tile = step (16), clamped last patch
+        ((1, 1, 5, 20, 40), (3, 17, 32), (2, 16, 16)),
+        ((1, 1, 5, 300), (3, 150), (2, 7)),  # several x tiles per window and per image row
+    ],
+)
+def test_multi_tile_and_step_aligned_paths(shape, window, step):
+    x = torch.randn(shape)
+    w, s = list(window), list(step)
+    _same(q.unstitch(x, w, s, backend="triton"), q.unstitch_reference(x, w, s))
+    plan = plan_for(tuple(shape[2:]), tuple(window), tuple(step))
+    p = torch.randn(plan.patches_per_image, 1, *window)
+    ref = q.stitch_reference(p, list(shape[2:]), s, None, plan.norm())
+    got = q.stitch(p, shape[2:], s, norm=plan.norm(), mode="deterministic", backend="triton")
+    _same(got, ref)
+    got = q.stitch(p, shape[2:], s, norm=plan.norm(), mode="atomic", backend="triton")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["atomic", "deterministic"])
 def test_stitch_border_weight_zero_and_norm(mode):
     plan = QuiltPlan((13, 11), (5, 4), (3, 3), border=(1, 1), border_weight=0.0)
