@@ -429,3 +429,14 @@ def test_int64_missing_label_is_exact():
     _, b = ref.unstitch_data_pair(torch.zeros(1, 1, 16, 16), t, missing_label=label)
     assert int(b[0, 0, 0]) == label
     assert torch.equal(a, b)
+
+
+@settings(max_examples=25, deadline=None)
+@given(geometry2d(), st.sampled_from([None, -1, 0.5]), st.booleans())
+def test_2d_data_pair_random_geometries_match_qlty(geom, missing_label, target_3d):
+    ours, ref = _pair2d(geom)
+    x = torch.randn(2, 2, ours.Y, ours.X)
+    t = torch.randn(2, ours.Y, ours.X) if target_3d else torch.randn(2, 2, ours.Y, ours.X)
+    a_in, a_out = ours.unstitch_data_pair(x, t, missing_label=missing_label)
+    b_in, b_out = ref.unstitch_data_pair(x, t, missing_label=missing_label)
+    assert torch.equal(a_in, b_in) and torch.equal(a_out, b_out)
