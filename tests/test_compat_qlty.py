@@ -440,3 +440,16 @@ def test_2d_data_pair_random_geometries_match_qlty(geom, missing_label, target_3
     a_in, a_out = ours.unstitch_data_pair(x, t, missing_label=missing_label)
     b_in, b_out = ref.unstitch_data_pair(x, t, missing_label=missing_label)
     assert torch.equal(a_in, b_in) and torch.equal(a_out, b_out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.int64, torch.uint8],
+                         ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_2d_relative_channels_dtypes_match_qlty(dtype, normalize):
+    ours, ref = _pair2d((19, 14, (5, 4), (4, 3), 1, 0.2))
+    x = (torch.rand(2, 2, 19, 14) * 50).to(dtype)
+    kw = dict(add_positional_channels=True, position_mode="relative",
+              normalize_positions=normalize)
+    a, b = ours.unstitch(x, **kw), ref.unstitch(x, **kw)
+    assert a.dtype == b.dtype and a.shape == b.shape
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
