@@ -11,6 +11,8 @@ Shapes (all int64 start tables hold clamped patch starts, spec §2.1):
 
 from __future__ import annotations
 
+import types
+
 import numba
 import numpy as np
 
@@ -18,6 +20,7 @@ __all__ = [
     "_unstitch_numba",
     "_unstitch_weighted_numba",
     "_stitch_numba",
+    "SERIAL",
 ]
 
 _OPTS = dict(parallel=True, nogil=True, cache=True, fastmath=False, error_model="numpy")
@@ -100,6 +103,25 @@ def _stitch_numba(patches, starts_z, starts_y, starts_x, weight, norm, has_weigh
                 for b in range(yy):
                     for e in range(xx):
                         out[n, c, a, b, e] = out[n, c, a, b, e] / norm[a, b, e]
+
+
+# Single-threaded builds of the same kernels (``prange`` runs as ``range``), for processes
+# where numba's thread pool must not be used: a child forked after the parent ran a GNU
+# OpenMP parallel region dies in its first parallel region (DataLoader workers).
+_SERIAL_OPTS = dict(_OPTS, parallel=False)
+
+
+def _serial(fn):
+    """Serial twin of a parallel kernel, under its own name: numba's on-disk cache is keyed
+    by qualified name, so a twin sharing the name would load the parallel machine code."""
+    py = fn.py_func
+    twin = types.FunctionType(py.__code__, py.__globals__, py.__name__ + "_serial",
+                              py.__defaults__, py.__closure__)
+    twin.__qualname__ = py.__qualname__ + "_serial"
+    return numba.njit(**_SERIAL_OPTS)(twin)
+
+
+SERIAL = {fn.__name__: _serial(fn) for fn in (_unstitch_numba, _unstitch_weighted_numba, _stitch_numba)}
 
 
 def warmup() -> None:

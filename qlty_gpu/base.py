@@ -9,6 +9,7 @@ from .errors import QltyError
 from .geometry import QuiltPlan, normalize_border, patch_count, validate_border_weight
 
 __all__ = [
+    "BaseQuilt",
     "normalize_border",
     "validate_border_weight",
     "compute_chunk_times",
@@ -54,3 +55,24 @@ def compute_border_tensor_torch(window, border) -> torch.Tensor:
 def compute_border_tensor_numpy(window, border) -> np.ndarray:
     """float64 mask, 1 interior / 0 border."""
     return compute_border_tensor_torch(window, border).double().numpy()
+
+
+class BaseQuilt:
+    """qlty's ``BaseQuilt``: validated window, step, border and border weight.
+
+    Kept for code that subclassed it; the quilts themselves stand on
+    :class:`~qlty_gpu.geometry.QuiltPlan`.
+
+    Example:
+        >>> BaseQuilt((4, 4), (2, 2), 1, 0.5, 2).border
+        (1, 1)
+    """
+
+    def __init__(self, window, step, border, border_weight, ndim: int) -> None:
+        from .geometry import _int_tuple
+
+        self.window = _int_tuple("window", window, ndim, minimum=1)
+        self.step = _int_tuple("step", step, ndim, minimum=1)
+        self.border = normalize_border(border, ndim)
+        self.border_weight = validate_border_weight(border_weight)
+        self.ndim = ndim

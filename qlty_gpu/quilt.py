@@ -45,7 +45,55 @@ class _Quilt:
         self.step = self.plan.step
         self.border = self.plan.border
         self.border_weight = self.plan.border_weight
-        self.weight = self.plan.weight("cpu", torch.float32)
+        self._weight = self.plan.weight("cpu", torch.float32).clone()
+        self._weight_version = self._weight._version
+        self._weight_is_plan = True
+        self._norm_cache: dict = {}
+
+    # ------------------------------------------------------------ weight
+    @property
+    def weight(self) -> torch.Tensor:
+        """float32 window-shaped weight map used by :meth:`stitch` (numerator and ``norma``).
+
+        Like qlty, assigning a new map (``quilt.weight = gaussian``) or editing it in place
+        changes the stitch; both numerator and ``norma`` use it, so the mean stays exact.
+        """
+        return self._weight
+
+    @weight.setter
+    def weight(self, value) -> None:
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != self.plan.window:
+            raise QltyError(
+                f"weight must be a tensor of the window shape {self.plan.window}, got "
+                f"{describe(value)}"
+            )
+        self._weight = value.detach().to(device="cpu", dtype=torch.float32).clone()
+        self._weight_version = -1  # re-examined by the next stitch
+
+    def _stitch_weights(self, device, acc: torch.dtype):
+        """(weight or None, norm) for stitch; the plan's cached pair unless the map changed."""
+        w = self._weight
+        if not torch.compiler.is_compiling() and w._version != self._weight_version:
+            self._weight_version = w._version
+            self._weight_is_plan = bool(torch.equal(w, self.plan.weight("cpu", torch.float32)))
+            self._norm_cache = {}
+        if self._weight_is_plan:
+            weight = self.plan.weight(device, acc) if self.border is not None else None
+            return weight, self.plan.norm(device, acc)
+        key = (torch.device(device), acc)
+        if key not in self._norm_cache:
+            wd = w.to(device=device, dtype=acc)
+            tiled = wd.expand(self.plan.patches_per_image, 1, *self.plan.window).contiguous()
+            norm = ops.stitch(tiled, self.plan.shape, self.step)[0, 0]
+            self._norm_cache[key] = (wd, norm)
+        return self._norm_cache[key]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_norm_cache"] = {}
+        return state
 
     # ------------------------------------------------------------ geometry
     @property
@@ -260,34 +308,37 @@ class _Quilt:
         t, _ = _to_tensor("ml_tensor", ml_tensor)
         self._check_patches("ml_tensor", t)
         acc = ops.accumulation_dtype(t.dtype)
-        norm = self.plan.norm(t.device, acc)
+        weight, norm = self._stitch_weights(t.device, acc)
         result = ops.stitch(
-            t,
-            self.plan.shape,
-            self.step,
-            weight=self.plan.weight(t.device, acc) if self.border is not None else None,
-            norm=norm,
-            mode=mode or "auto",
+            t, self.plan.shape, self.step, weight=weight, norm=norm, mode=mode or "auto",
             backend=backend,
         )
-        return result, norm
+        return result, norm.clone()  # the caller may edit norma; our cached copy stays intact
 
 
 def _cast_label(label, dtype: torch.dtype) -> Union[float, int, bool]:
     """Cast ``missing_label`` into the target dtype the way qlty does (-1.7 -> -1 for ints)."""
-    try:
-        value = torch.tensor(label).to(dtype)
-    except (TypeError, RuntimeError, ValueError) as exc:
+    if isinstance(label, torch.Tensor) and label.numel() == 1:
+        label = label.item()
+    if isinstance(label, np.generic):
+        label = label.item()
+    if not isinstance(label, (bool, int, float)):
         raise QltyError(
             f"missing_label must be a number representable in the target dtype {dtype}, got "
-            f"{label!r}"
-        ) from exc
-    if not (dtype.is_floating_point or dtype.is_complex):
-        if isinstance(label, float) and not np.isfinite(label):
-            raise QltyError(
-                f"missing_label {label!r} cannot be stored in an integer target ({dtype})"
-            )
-    return value.item()
+            f"{describe(label)}"
+        )
+    if dtype == torch.bool or dtype.is_floating_point or dtype.is_complex:
+        return torch.tensor(label).to(dtype).item()
+    info = torch.iinfo(dtype)
+    if isinstance(label, float) and not np.isfinite(label):
+        raise QltyError(f"missing_label {label!r} cannot be stored in an integer target ({dtype})")
+    value = int(label)  # truncates toward zero like a cast: -1.7 -> -1 (qlty's behaviour)
+    if not info.min <= value <= info.max:
+        raise QltyError(
+            f"missing_label {label!r} is out of range for the target dtype {dtype} "
+            f"([{info.min}, {info.max}])"
+        )
+    return value
 
 
 class NCYXQuilt(_Quilt):

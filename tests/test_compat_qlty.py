@@ -276,11 +276,6 @@ def test_compute_chunk_times_matches_qlty(axes):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GAP: qlty.base.BaseQuilt (spec §1.1; qlty's test_base.py pins 'window must have 2 "
-    "elements' / 'step must have 3 elements') has no counterpart in qlty_gpu.base",
-)
 def test_base_quilt_exists():
     bq = gbase.BaseQuilt((4, 4), (2, 2), 1, 0.5, 2)
     assert bq.border == (1, 1) and bq.border_weight == 0.5
@@ -353,12 +348,6 @@ def _gauss_window(wy, wx):
     return (gy[:, None] * gx[None, :]).float()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: NCYXQuilt.weight is the plan's cached weight tensor (qlty_gpu/quilt.py "
-    "_Quilt.__init__: self.weight = self.plan.weight(...)); an in-place edit changes the "
-    "stitch numerator but not norma, so stitch(unstitch(x)) != x (qlty stays consistent)",
-)
 def test_in_place_weight_edit_keeps_stitch_consistent():
     ours, ref = _pair2d((16, 16, (8, 8), (4, 4), 2, 0.5))
     x = torch.randn(1, 1, 16, 16)
@@ -371,11 +360,6 @@ def test_in_place_weight_edit_keeps_stitch_consistent():
     torch.testing.assert_close(n_ours, n_ref)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG/compat: qlty's stitch uses self.weight for numerator and norma, so assigning "
-    "a custom blending window to quilt.weight changes the stitch; qlty_gpu ignores it",
-)
 def test_assigned_weight_is_used_by_stitch_like_qlty():
     ours, ref = _pair2d((16, 16, (8, 8), (4, 4), 2, 0.5))
     for q in (ours, ref):
@@ -416,11 +400,6 @@ def test_3d_matches_qlty_on_random_dividing_geometries(geom):
     torch.testing.assert_close(r_ours, r_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: missing_label travels to qlty_gpu::unstitch as `fill_value: float`, so int64 "
-    "labels beyond 2**53 are rounded (2**53 + 1 -> 2**53); qlty writes the exact value",
-)
 def test_int64_missing_label_is_exact():
     ours, ref = _pair2d((16, 16, (8, 8), (4, 4), 1, 0.5))
     t = torch.zeros(1, 16, 16, dtype=torch.int64)

@@ -224,11 +224,6 @@ def test_method_errors(case):
         assert isinstance(err, AssertionError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: qlty_gpu/quilt.py _cast_label wraps an out-of-range missing_label silently "
-    "(300 into int8 -> 44); qlty 1.5.0 raises 'value cannot be converted ... without overflow'",
-)
 def test_missing_label_out_of_range_for_target_dtype():
     with pytest.raises(QltyError, match="missing_label"):
         _q2().unstitch_data_pair(torch.zeros(2, 1, 20, 16),

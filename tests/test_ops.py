@@ -697,13 +697,6 @@ def test_concurrent_calls_from_threads(backend):
     assert max(errs) < 1e-5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the numba kernels are parallel=True and the library leaves numba's threading "
-    "layer to chance; where only 'workqueue' is available (no OpenMP/TBB) concurrent calls "
-    "from Python threads abort the process (SIGABRT). Fix: serialise numba launches with a "
-    "lock when numba.threading_layer() == 'workqueue', or ask for a thread-safe layer",
-)
 def test_numba_concurrent_calls_survive_the_workqueue_layer(tmp_path):
     if "numba" not in STITCH_BACKENDS:
         pytest.skip("numba not available")

@@ -463,36 +463,6 @@ def test_double_backward_through_quilt():
                                         fast_mode=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: stitch returns the plan's cached norm tensor as norma (qlty_gpu/quilt.py "
-    "_Quilt.stitch: `return result, norm`); editing norma in place (e.g. norma /= norma.max()) "
-    "silently corrupts every later stitch of that quilt. qlty returns a fresh tensor",
-)
-@pytest.mark.parametrize("dims", [2, 3])
-def test_editing_returned_norma_does_not_affect_later_stitches(dims):
-    from qlty_gpu import NCZYXQuilt
-
-    if dims == 2:
-        q, x = NCYXQuilt(16, 16, (8, 8), (4, 4), 2, 0.5), torch.randn(1, 1, 16, 16)
-    else:
-        q, x = NCZYXQuilt(8, 8, 8, (4, 4, 4), (2, 2, 2), 1), torch.randn(1, 1, 8, 8, 8)
-    p = q.unstitch(x)
-    _, norma = q.stitch(p)
-    norma /= norma.max()
-    again, norma2 = q.stitch(p)
-    torch.testing.assert_close(again, x, rtol=1e-5, atol=1e-5)
-    assert norma2.data_ptr() != norma.data_ptr()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (regression vs qlty): after any numba-backed call in the parent, a forked "
-    "DataLoader worker that unstitches dies ('fork() called from a process already using GNU "
-    "OpenMP, this is unsafe'). qlty 1.5.0's unstitch is pure torch, so the same script works "
-    "with qlty. Fix idea: os.register_at_fork(after_in_child=...) -> torch backend or "
-    "non-parallel numba kernels in forked children",
-)
 def test_forked_dataloader_workers_can_unstitch(tmp_path):
     import os
     import subprocess

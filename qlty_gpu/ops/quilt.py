@@ -18,7 +18,9 @@ The two are adjoint: each one's backward is the other's forward.
 from __future__ import annotations
 
 import math
-from typing import Optional
+import os
+import threading
+from typing import Optional, Union
 
 import torch
 
@@ -252,6 +254,35 @@ def _stitch_torch(patches, shape, step, weight, norm):
 
 
 # ================================================================ numba CPU op
+# numba's parallel kernels are launched through `_numba_call`: one launch at a time in a
+# process (the 'workqueue' threading layer aborts on concurrent launches from Python
+# threads; the others run the launches one after the other anyway, each using every core),
+# and single-threaded kernels in a forked child (GNU OpenMP's pool does not survive fork(),
+# so a DataLoader worker forked after the parent used numba would die).
+_NUMBA_LOCK = threading.Lock()
+_FORKED = False
+
+
+def _after_fork_in_child() -> None:
+    global _NUMBA_LOCK, _FORKED
+    _NUMBA_LOCK = threading.Lock()
+    _FORKED = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _numba_call(name: str, *args) -> None:
+    from ..kernels import numba_quilt as nk
+
+    if _FORKED:
+        nk.SERIAL[name](*args)
+        return
+    with _NUMBA_LOCK:
+        getattr(nk, name)(*args)
+
+
 def _as5d(t: torch.Tensor, nd: int) -> torch.Tensor:
     """(N, C, Y, X) -> (N, C, 1, Y, X); 3-D data passes through."""
     return t.unsqueeze(2) if nd == 2 else t
@@ -273,7 +304,6 @@ def _win3(window) -> list:
 def _unstitch_numba(
     x, window, step, weight, out_dtype, fill_mask, fill_value, positions, normalize_positions
 ):
-    from ..kernels import numba_quilt as nk
 
     nd = x.dim() - 2
     if nd not in (2, 3):
@@ -297,10 +327,10 @@ def _unstitch_numba(
     sz, sy, sx = _starts3(plan)
     img = _as5d(src, nd).numpy()
     if weight is None:
-        nk._unstitch_numba(img, sz, sy, sx, out6.numpy())
+        _numba_call("_unstitch_numba", img, sz, sy, sx, out6.numpy())
     else:
         w = weight.to(work_dtype).reshape(_win3(window)).contiguous().numpy()
-        nk._unstitch_weighted_numba(img, sz, sy, sx, w, out6.numpy())
+        _numba_call("_unstitch_weighted_numba", img, sz, sy, sx, w, out6.numpy())
     out = out.to(dst_dtype)
     if fill_mask is not None:
         out.masked_fill_(fill_mask.to(torch.bool), fill_value)
@@ -308,8 +338,6 @@ def _unstitch_numba(
 
 
 def _stitch_numba(patches, shape, step, weight, norm):
-    from ..kernels import numba_quilt as nk
-
     nd = len(shape)
     if nd not in (2, 3):
         return stitch_reference(patches, shape, step, weight, norm)
@@ -328,7 +356,8 @@ def _stitch_numba(patches, shape, step, weight, norm):
         if norm is not None
         else one
     )
-    nk._stitch_numba(
+    _numba_call(
+        "_stitch_numba",
         src.view(n_img, n_p, n_ch, *_win3(window)).numpy(),
         sz, sy, sx, w, nrm, weight is not None, norm is not None,
         _as5d(out, nd).numpy(),
@@ -601,7 +630,7 @@ def _unstitch_op(
     weight: Optional[torch.Tensor],
     out_dtype: Optional[torch.dtype],
     fill_mask: Optional[torch.Tensor],
-    fill_value: float,
+    fill_value: Union[int, float, bool],
     positions: str,
     normalize_positions: bool,
     backend: str,
@@ -737,7 +766,7 @@ def unstitch(
     weight: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
     fill_mask: Optional[torch.Tensor] = None,
-    fill_value: float = 0.0,
+    fill_value: Union[int, float, bool] = 0.0,
     positions: str = "",
     normalize_positions: bool = True,
     backend: Optional[str] = None,
@@ -777,8 +806,12 @@ def unstitch(
         )
     if positions not in ("", "absolute", "relative"):
         raise QltyError(f"positions must be '', 'absolute' or 'relative', got {positions!r}")
+    if isinstance(fill_value, torch.Tensor) and fill_value.numel() == 1:
+        fill_value = fill_value.item()
+    if not isinstance(fill_value, (bool, int, float)):
+        raise QltyError(f"fill_value must be a Python number, got {describe(fill_value)}")
     return torch.ops.qlty_gpu.unstitch(
-        x, window, step, weight, out_dtype, fill_mask, float(fill_value), positions,
+        x, window, step, weight, out_dtype, fill_mask, fill_value, positions,
         bool(normalize_positions), backend or "",
     )
 
