@@ -181,9 +181,14 @@ class QuiltPlan:
             )
         ndim = len(shape)
         names = _AXES[ndim]
-        shape = tuple(
-            _int_tuple(f"spatial size {n}", s, 1, minimum=1)[0] for n, s in zip(names, shape)
-        )
+        for n, d in zip(names, shape):
+            if not _is_int(d):
+                raise QltyTypeError(
+                    f"image size {n} must be an int >= 1, got {d!r} ({type(d).__name__})"
+                )
+            if d < 1:
+                raise QltyError(f"image size {n} must be an int >= 1, got {d!r}")
+        shape = tuple(int(d) for d in shape)
         window = _int_tuple("window", self.window, ndim, minimum=1)
         step = _int_tuple("step", self.step, ndim, minimum=1)
         for ax, (d, w) in enumerate(zip(shape, window)):

@@ -125,7 +125,8 @@ class _Quilt:
         want = 2 + self.ndim
         axes = ", ".join(self._AXES)
         if t.dim() != want or tuple(t.shape[2:]) != self.plan.shape:
-            raise QltyError(
+            # also an AssertionError: qlty's unstitch_data_pair asserted these shapes
+            raise QltyShapeAssertionError(
                 f"{name} must have shape (N, C, {axes}) with {self._spatial_text()}, got "
                 f"{describe(t)}"
             )
@@ -241,8 +242,8 @@ class _Quilt:
         Returns:
             ``(in_patches, out_patches)`` or ``(in_patches, out_patches, positions)``.
         """
-        t_in, _ = _to_tensor("tensor_in", tensor_in)
-        t_out, _ = _to_tensor("tensor_out", tensor_out)
+        t_in, in_numpy = _to_tensor("tensor_in", tensor_in)
+        t_out, out_numpy = _to_tensor("tensor_out", tensor_out)
         squeeze = t_out.dim() == 1 + self.ndim
         if squeeze:
             t_out = t_out.unsqueeze(1)
@@ -254,7 +255,7 @@ class _Quilt:
                 f"{t_in.shape[0]} and {t_out.shape[0]}"
             )
         res = self.unstitch(
-            t_in,
+            tensor_in if in_numpy else t_in,
             return_positions=return_positions,
             include_n_position=include_n_position,
             add_positional_channels=add_positional_channels,
@@ -273,6 +274,8 @@ class _Quilt:
         )
         if squeeze:
             out = out.squeeze(1)
+        if out_numpy:
+            out = out.numpy()
         if return_positions:
             return res[0], out, res[1]
         return res, out

@@ -234,7 +234,7 @@ def test_border_wider_than_half_window_is_all_border():
         (dict(shape=(10, 10), window=(4, 4), step=(2,)), QltyError, "step must have 2"),
         (dict(shape=(10, 10), window=4.0, step=2), QltyTypeError, "window"),
         (dict(shape=(10, 10), window=(4, 4.5), step=2), QltyTypeError, r"window\[1\]"),
-        (dict(shape=(10, 0), window=1, step=1), QltyError, "spatial size X"),
+        (dict(shape=(10, 0), window=1, step=1), QltyError, "image size X"),
         (dict(shape=(10, 10, 10, 10), window=1, step=1), QltyError, "shape"),
         (dict(shape=(10, 10), window=4, step=2, border=-1), QltyError, "border must be >= 0"),
         (dict(shape=(10, 10), window=4, step=2, border=(1, -1)), QltyError, r"border\[1\]"),

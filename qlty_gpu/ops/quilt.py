@@ -25,7 +25,7 @@ from typing import Optional, Union
 import torch
 
 from .._alloc import empty_cpu, zeros_cpu
-from ..errors import QltyError, QltyShapeAssertionError, describe
+from ..errors import QltyError, QltyShapeAssertionError, QltyTypeError, describe
 from ..geometry import patch_count, plan_for
 from .backend import choose_backend
 
@@ -728,7 +728,7 @@ _stitch_op.register_autograd(_stitch_backward, setup_context=_stitch_setup)
 # ======================================================= validated entry points
 def _check_tensor(name: str, t: object, ndim: int | None = None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
-        raise QltyError(f"{name} must be a torch.Tensor, got {describe(t)}")
+        raise QltyTypeError(f"{name} must be a torch.Tensor, got {describe(t)}")
     if ndim is not None and t.dim() != ndim:
         raise QltyError(f"{name} must be {ndim}-D, got {describe(t)}")
     return t
