@@ -13,7 +13,11 @@ import re
 import pytest
 import torch
 
-SEED = "/work/shared/seed/qlty-README.md"  # where the project keeps the seed, if present
+# the seed lives in ../shared next to the project root (CI clones with shared/ beside it)
+SEED = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "seed",
+    "qlty-README.md",
+)
 
 # fmt: off
 EXAMPLES = {
