@@ -127,6 +127,18 @@ def _append_positions(y, plan, n_img, positions, normalize_positions):
     return torch.cat([y, pos], dim=1)
 
 
+def _weighted_patch_grid(patches, shape, step, weight):
+    """(plan, accumulation dtype, weighted patches viewed as ``(N, n0.., C, w0..)``)."""
+    window = tuple(patches.shape[2:])
+    plan = plan_for(tuple(shape), window, tuple(step))
+    acc = accumulation_dtype(patches.dtype)
+    q = patches.to(acc)
+    if weight is not None:
+        q = q * weight.to(device=q.device, dtype=acc)
+    n_img = patches.shape[0] // plan.patches_per_image
+    return plan, acc, q.reshape(n_img, *plan.counts, patches.shape[1], *window)
+
+
 def stitch_reference(
     patches: torch.Tensor,
     shape: list[int],
@@ -136,15 +148,8 @@ def stitch_reference(
 ) -> torch.Tensor:
     """Pure-torch stitch: weighted patches scattered with ``index_add`` one axis at a time."""
     nd = len(shape)
-    window = list(patches.shape[2:])
-    plan = plan_for(tuple(shape), tuple(window), tuple(step))
-    n_p = plan.patches_per_image
-    n_img, n_ch = patches.shape[0] // n_p, patches.shape[1]
-    acc = accumulation_dtype(patches.dtype)
-    q = patches.to(acc)
-    if weight is not None:
-        q = q * weight.to(device=q.device, dtype=acc)
-    q = q.reshape(n_img, *plan.counts, n_ch, *window)
+    plan, acc, q = _weighted_patch_grid(patches, shape, step, weight)
+    n_img, n_ch, window = q.shape[0], patches.shape[1], plan.window
     # (N, n0, n1, ..., C, w0, w1, ...) -> (N, C, n0, w0, n1, w1, ...)
     perm = [0, 1 + nd] + [v for a in range(nd) for v in (1 + a, 2 + nd + a)]
     q = q.permute(perm).reshape(
@@ -218,17 +223,11 @@ def _stitch_torch(patches, shape, step, weight, norm):
 
     nd = len(shape)
     window = list(patches.shape[2:])
-    plan = plan_for(tuple(shape), tuple(window), tuple(step))
     groups = [-(-w // s) for w, s in zip(window, step)]
     if math.prod(groups) > 64:  # tiny steps: too many groups, the index_add path is faster
         return stitch_reference(patches, shape, step, weight, norm)
-    n_p = plan.patches_per_image
-    n_img, n_ch = patches.shape[0] // n_p, patches.shape[1]
-    acc = accumulation_dtype(patches.dtype)
-    q = patches.to(acc)
-    if weight is not None:
-        q = q * weight.to(device=q.device, dtype=acc)
-    q = q.reshape(n_img, *plan.counts, n_ch, *window)
+    plan, acc, q = _weighted_patch_grid(patches, shape, step, weight)
+    n_img, n_ch = q.shape[0], patches.shape[1]
     q = q.permute(0, 1 + nd, *range(1, 1 + nd), *range(2 + nd, 2 + 2 * nd))  # (N,C,n..,w..)
     out = torch.zeros((n_img, n_ch, *shape), dtype=acc, device=patches.device)
     per_axis = []
