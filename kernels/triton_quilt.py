@@ -82,6 +82,39 @@ def _div_rn(a, b):
 
 
 @triton.jit
+def _patch_tile(pid, n_xb, n_yb, WZ: tl.constexpr, n_ch, n_patches, n_px, n_py, sz_ptr, sy_ptr,
+                sx_ptr, X_ALIGN: tl.constexpr):
+    """Program id of a patch-tile grid -> (x block, y block, window z, channel, patch m,
+    image n) and the patch's (z0, y0, x0) start, all int64.
+
+    Decomposed in int32: pid < 2**31 (the grid limit) and so is every index here, and a
+    32-bit division inlines where a 64-bit one calls a subroutine with a stack frame.
+    Everything is widened to int64 before any address arithmetic.
+    """
+    t = pid.to(tl.int32)
+    xb = t % n_xb
+    t = t // n_xb
+    yb = t % n_yb
+    t = t // n_yb
+    z = t % WZ
+    t = t // WZ
+    c = t % n_ch
+    m = t // n_ch
+    n = m // n_patches
+    p = m % n_patches
+    kx = p % n_px
+    ky = (p // n_px) % n_py
+    kz = p // (n_px * n_py)
+    xb, yb, z, c = xb.to(tl.int64), yb.to(tl.int64), z.to(tl.int64), c.to(tl.int64)
+    m, n = m.to(tl.int64), n.to(tl.int64)
+    z0 = tl.load(sz_ptr + kz)
+    y0 = tl.load(sy_ptr + ky)
+    x0 = tl.load(sx_ptr + kx)
+    x0 = tl.multiple_of(x0, X_ALIGN)
+    return xb, yb, z, c, m, n, z0, y0, x0
+
+
+@triton.jit
 def _k_range(lo, hi, size, step, count, W: tl.constexpr):
     """Patches ``[k_lo, k_hi)`` along one axis whose window meets pixels ``[lo, hi)``.
 
@@ -150,30 +183,10 @@ def _unstitch_kernel(
     X_BF16/OUT_BF16: tensor is bf16 passed as int16 bits; X_UPCAST: widen x to fp32 first;
     COMPUTE_F64: the weight product is fp64; OUT_HALF: output is fp16.
     """
-    pid = tl.program_id(0).to(tl.int64)
-    # Decompose in int32: pid < 2**31 (the grid limit) and so is every index below, and a
-    # 32-bit division inlines where a 64-bit one calls a subroutine with a stack frame.
-    # Everything is widened back to int64 before any address arithmetic.
-    t = pid.to(tl.int32)
-    xb = t % n_xb
-    t = t // n_xb
-    yb = t % n_yb
-    t = t // n_yb
-    z = t % WZ
-    t = t // WZ
-    c = t % n_ch_out
-    m = t // n_ch_out
-    n = m // n_patches
-    p = m % n_patches
-    kx = p % n_px
-    ky = (p // n_px) % n_py
-    kz = p // (n_px * n_py)
-    xb, yb, z, c = xb.to(tl.int64), yb.to(tl.int64), z.to(tl.int64), c.to(tl.int64)
-    m, n = m.to(tl.int64), n.to(tl.int64)
-    z0 = tl.load(sz_ptr + kz)
-    y0 = tl.load(sy_ptr + ky)
-    x0 = tl.load(sx_ptr + kx)
-    x0 = tl.multiple_of(x0, X_ALIGN)
+    xb, yb, z, c, m, n, z0, y0, x0 = _patch_tile(
+        tl.program_id(0).to(tl.int64), n_xb, n_yb, WZ, n_ch_out, n_patches, n_px, n_py, sz_ptr,
+        sy_ptr, sx_ptr, X_ALIGN,
+    )
 
     offs_y = yb * BLOCK_Y + tl.arange(0, BLOCK_Y)  # (BY,) int64
     offs_x = xb * BLOCK_X + tl.arange(0, BLOCK_X)  # (BX,) int64
@@ -238,30 +251,10 @@ def _stitch_atomic_kernel(
     autotune this kernel: every trial would add again. P_BF16: patches are bf16 bits;
     P_UPCAST: widen patches to fp32 (fp16, integers).
     """
-    pid = tl.program_id(0).to(tl.int64)
-    # Decompose in int32: pid < 2**31 (the grid limit) and so is every index below, and a
-    # 32-bit division inlines where a 64-bit one calls a subroutine with a stack frame.
-    # Everything is widened back to int64 before any address arithmetic.
-    t = pid.to(tl.int32)
-    xb = t % n_xb
-    t = t // n_xb
-    yb = t % n_yb
-    t = t // n_yb
-    z = t % WZ
-    t = t // WZ
-    c = t % n_ch
-    m = t // n_ch
-    n = m // n_patches
-    p = m % n_patches
-    kx = p % n_px
-    ky = (p // n_px) % n_py
-    kz = p // (n_px * n_py)
-    xb, yb, z, c = xb.to(tl.int64), yb.to(tl.int64), z.to(tl.int64), c.to(tl.int64)
-    m, n = m.to(tl.int64), n.to(tl.int64)
-    z0 = tl.load(sz_ptr + kz)
-    y0 = tl.load(sy_ptr + ky)
-    x0 = tl.load(sx_ptr + kx)
-    x0 = tl.multiple_of(x0, X_ALIGN)
+    xb, yb, z, c, m, n, z0, y0, x0 = _patch_tile(
+        tl.program_id(0).to(tl.int64), n_xb, n_yb, WZ, n_ch, n_patches, n_px, n_py, sz_ptr,
+        sy_ptr, sx_ptr, X_ALIGN,
+    )
 
     offs_y = yb * BLOCK_Y + tl.arange(0, BLOCK_Y)
     offs_x = xb * BLOCK_X + tl.arange(0, BLOCK_X)
