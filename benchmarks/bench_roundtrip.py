@@ -147,7 +147,6 @@ def main() -> None:
     stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     rows = []
     for case, spec in CASES.items():
-        nd = len(spec["window"])
         plan_counts = [
             -(-(d - w) // s) + 1 for d, w, s in zip(spec["shape"][2:], spec["window"], spec["step"])
         ]
@@ -176,7 +175,6 @@ def main() -> None:
         for ref in ("qlty", "monai", "torch-fold"):
             if ref in res:
                 print(f"  {best[1]} is {res[ref]['median_s'] / best[0]:.2f}x faster than {ref}")
-        _ = nd
     path = harness.append_rows(rows, dev)
     print(f"\nappended {len(rows)} rows to {path}\n")
     print(harness.markdown_table(
