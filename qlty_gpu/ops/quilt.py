@@ -17,6 +17,7 @@ The two are adjoint: each one's backward is the other's forward.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
@@ -179,6 +180,16 @@ def _axis_blocks(size: int, w: int, s: int) -> list:
     return blocks
 
 
+def _empty(shape, dtype, device) -> torch.Tensor:
+    return empty_cpu(shape, dtype) if device.type == "cpu" else torch.empty(
+        shape, dtype=dtype, device=device)
+
+
+def _zeros(shape, dtype, device) -> torch.Tensor:
+    return zeros_cpu(shape, dtype) if device.type == "cpu" else torch.zeros(
+        shape, dtype=dtype, device=device)
+
+
 def _window_view(t: torch.Tensor, starts, counts, strides_between, window) -> torch.Tensor:
     """Strided view ``(N, C, *counts, *window)`` of ``t`` (N, C, *S): windows at the starts."""
     nd = len(window)
@@ -192,15 +203,13 @@ def _window_view(t: torch.Tensor, starts, counts, strides_between, window) -> to
 def _unstitch_torch(
     x, window, step, weight, out_dtype, fill_mask, fill_value, positions, normalize_positions
 ):
-    import itertools
-
     nd = x.dim() - 2
     plan = plan_for(tuple(x.shape[2:]), tuple(window), tuple(step))
     n_img, n_ch = x.shape[:2]
     work = out_dtype or x.dtype
     if weight is not None and work in (torch.float16, torch.bfloat16):
         work = torch.float32  # weight multiply in fp32, cast once at the end
-    out = torch.empty((n_img, *plan.counts, n_ch, *window), dtype=work, device=x.device)
+    out = _empty((n_img, *plan.counts, n_ch, *window), work, x.device)
     # out viewed as (N, C, n0.., w0..) to match the window views
     out_v = out.permute(0, 1 + nd, *range(1, 1 + nd), *range(2 + nd, 2 + 2 * nd))
     per_axis = [_axis_blocks(d, w, s) for d, w, s in zip(plan.shape, window, step)]
@@ -219,8 +228,6 @@ def _unstitch_torch(
 
 
 def _stitch_torch(patches, shape, step, weight, norm):
-    import itertools
-
     nd = len(shape)
     window = list(patches.shape[2:])
     groups = [-(-w // s) for w, s in zip(window, step)]
@@ -229,7 +236,7 @@ def _stitch_torch(patches, shape, step, weight, norm):
     plan, acc, q = _weighted_patch_grid(patches, shape, step, weight)
     n_img, n_ch = q.shape[0], patches.shape[1]
     q = q.permute(0, 1 + nd, *range(1, 1 + nd), *range(2 + nd, 2 + 2 * nd))  # (N,C,n..,w..)
-    out = torch.zeros((n_img, n_ch, *shape), dtype=acc, device=patches.device)
+    out = _zeros((n_img, n_ch, *shape), acc, patches.device)
     per_axis = []
     for d, w, s, g in zip(shape, window, step, groups):
         blocks = []
