@@ -93,6 +93,14 @@ def _resolve(tifffile: Any, pil_image: Any) -> tuple[Any, Any]:
     return tifffile, pil_image
 
 
+def _corrupt(path, exc: BaseException) -> ImageReadError:
+    """The error for a file a reader library failed on, naming the file and the cause."""
+    return ImageReadError(
+        f"Cannot load image {path}: the file is unreadable or corrupt "
+        f"({type(exc).__name__}: {exc})"
+    )
+
+
 def _no_library(path: Path) -> ImageReadError:
     err = MissingImageLibraryError(
         f"Cannot load image {path}: No suitable library available. "
@@ -138,10 +146,7 @@ def read_image(
     except ImageReadError:
         raise
     except Exception as exc:
-        raise ImageReadError(
-            f"Cannot load image {path}: the file is unreadable or corrupt "
-            f"({type(exc).__name__}: {exc})"
-        ) from exc
+        raise _corrupt(path, exc) from exc
     raise _no_library(path)
 
 
@@ -262,10 +267,7 @@ def probe_image(
     except (ImageReadError, QltyError):
         raise
     except Exception as exc:
-        raise ImageReadError(
-            f"Cannot load image {path}: the file is unreadable or corrupt "
-            f"({type(exc).__name__}: {exc})"
-        ) from exc
+        raise _corrupt(path, exc) from exc
     raise _no_library(path)
 
 
