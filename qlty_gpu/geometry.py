@@ -204,6 +204,10 @@ class QuiltPlan:
         object.__setattr__(self, "step", step)
         object.__setattr__(self, "border", border)
         object.__setattr__(self, "border_weight", bw)
+        # derived once (plain attributes, not fields: equality and hash stay on the fields)
+        starts = tuple(patch_starts(d, w, s) for d, w, s in zip(shape, window, step))
+        object.__setattr__(self, "_starts", starts)
+        object.__setattr__(self, "_counts", tuple(len(st) for st in starts))
 
     # ------------------------------------------------------------------ grid
     @property
@@ -214,17 +218,17 @@ class QuiltPlan:
     @property
     def counts(self) -> tuple[int, ...]:
         """Patches per axis."""
-        return tuple(patch_count(d, w, s) for d, w, s in zip(self.shape, self.window, self.step))
+        return self._counts
 
     @property
     def starts(self) -> tuple[tuple[int, ...], ...]:
         """Per-axis tuples of patch starts (last one clamped)."""
-        return tuple(patch_starts(d, w, s) for d, w, s in zip(self.shape, self.window, self.step))
+        return self._starts
 
     @property
     def patches_per_image(self) -> int:
         """Number of patches one image yields, ``prod(counts)``."""
-        return math.prod(self.counts)
+        return math.prod(self._counts)
 
     @property
     def has_gaps(self) -> bool:
