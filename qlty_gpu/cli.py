@@ -16,6 +16,8 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -123,7 +125,9 @@ def _run_stack_to_zarr(args: argparse.Namespace) -> int:
         ]
         if used:
             raise QltyError(f"{', '.join(used)} only apply to pyramids: add --ome or --laplacian")
-    with warnings.catch_warnings(record=True) as caught:
+    # the library prints qlty's gap report on stdout (kept for qlty compatibility); the CLI
+    # reports gaps itself (warning on stderr, "missing counters" in the summary)
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("always")
         if args.ome:
             result = s2z.stack_files_to_ome_zarr(
