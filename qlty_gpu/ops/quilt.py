@@ -382,7 +382,6 @@ _TRITON_WARPS = 4
 _TRITON_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 _TRITON_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _STITCH_DEFAULT_MODE = "deterministic"  # GPU default for mode='auto', see benchmarks/GPU.md
-_triton_tables: dict = {}
 _triton_empty = torch.empty  # output allocator; tests swap in a NaN-filling one
 
 
@@ -409,18 +408,16 @@ def _launch(kernel, grid: tuple, device: torch.device, *args, **kwargs) -> None:
 
 
 def _triton_starts(plan, device) -> tuple:
-    """(starts_z, starts_y, starts_x) int64 device tensors of the plan padded to 3 axes."""
-    key = (plan, device)
-    hit = _triton_tables.get(key)
-    if hit is None:
+    """(starts_z, starts_y, starts_x) int64 device tensors of the plan padded to 3 axes,
+    cached with the plan's other device tables."""
+
+    def make():
         pad = [(0,)] * (3 - plan.ndim)
-        hit = tuple(
+        return tuple(
             torch.tensor(s, dtype=torch.int64, device=device) for s in (*pad, *plan.starts)
         )
-        if len(_triton_tables) > 256:
-            _triton_tables.clear()
-        _triton_tables[key] = hit
-    return hit
+
+    return plan._cached(("triton_starts", torch.device(device)), make)
 
 
 def _pad3(seq, fill) -> list:
