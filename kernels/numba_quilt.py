@@ -69,26 +69,37 @@ def _unstitch_weighted_numba(image, starts_z, starts_y, starts_x, weight, out):
 
 
 @numba.njit(**_OPTS)
-def _stitch_numba(patches, starts_z, starts_y, starts_x, weight, norm, has_weight, has_norm, out):
+def _stitch_numba(
+    patches, starts_z, starts_y, starts_x, weight, norm, has_weight, has_norm, n_slabs, out
+):
     """Weighted sum of overlapping patches into ``out`` (then divided by ``norm``).
 
-    One parallel iteration owns one (n, c) output plane, so there are no write races and
-    the summation order (patch order) is fixed: results are deterministic. ``out`` must be
-    zero-filled and of the accumulation dtype (float32 or float64).
+    One parallel iteration owns the rows ``[y_lo, y_hi)`` (one of ``n_slabs`` slabs along Y)
+    of one (n, c) output plane and adds every patch's part in those rows: no write races,
+    and each pixel sums its patches in patch order whatever the slab split, so results are
+    deterministic and independent of ``n_slabs``. Slabs give a single-channel volume work
+    for every core. ``out`` must be zero-filled and of the accumulation dtype.
     """
     n_img, n_p, n_ch = patches.shape[0], patches.shape[1], patches.shape[2]
     wz, wy, wx = patches.shape[3], patches.shape[4], patches.shape[5]
     ny, nx = starts_y.shape[0], starts_x.shape[0]
     zz, yy, xx = out.shape[2], out.shape[3], out.shape[4]
-    for job in numba.prange(n_img * n_ch):
-        c = job % n_ch
-        n = job // n_ch
+    for job in numba.prange(n_img * n_ch * n_slabs):
+        slab = job % n_slabs
+        c = (job // n_slabs) % n_ch
+        n = job // (n_slabs * n_ch)
+        y_lo = slab * yy // n_slabs
+        y_hi = (slab + 1) * yy // n_slabs
         for p in range(n_p):
-            z0 = starts_z[p // (ny * nx)]
             y0 = starts_y[(p // nx) % ny]
+            b_lo = max(y_lo - y0, 0)
+            b_hi = min(y_hi - y0, wy)
+            if b_lo >= b_hi:
+                continue  # the patch misses this slab
+            z0 = starts_z[p // (ny * nx)]
             x0 = starts_x[p % nx]
             for a in range(wz):
-                for b in range(wy):
+                for b in range(b_lo, b_hi):
                     # explicit inner loops: a sliced `+=` would allocate a temporary per row
                     if has_weight:
                         for e in range(wx):
@@ -100,7 +111,7 @@ def _stitch_numba(patches, starts_z, starts_y, starts_x, weight, norm, has_weigh
                             out[n, c, z0 + a, y0 + b, x0 + e] += patches[n, p, c, a, b, e]
         if has_norm:
             for a in range(zz):
-                for b in range(yy):
+                for b in range(y_lo, y_hi):
                     for e in range(xx):
                         out[n, c, a, b, e] = out[n, c, a, b, e] / norm[a, b, e]
 
@@ -133,4 +144,4 @@ def warmup() -> None:
         w = np.ones((1, 1, 1), dtype=dt)
         _unstitch_numba(img, st, st, st, pat)
         _unstitch_weighted_numba(img, st, st, st, w, pat)
-        _stitch_numba(pat, st, st, st, w, w, True, True, img)
+        _stitch_numba(pat, st, st, st, w, w, True, True, 1, img)

@@ -279,6 +279,18 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _numba_slabs(planes: int, rows: int) -> int:
+    """Y slabs per output plane so that every numba thread gets one job, with slabs of at
+    least 8 rows; 1 when there are planes enough. (More slabs than threads measured slower:
+    every slab walks the whole patch list, 11.3 / 5.7 / 6.6 / 8.5 ms for 1 / 2 / 4 / 8 slabs
+    of a (1, 1, 128^3) stitch on 2 threads.)"""
+    import numba
+
+    threads = 1 if _FORKED else numba.get_num_threads()
+    want = -(-threads // planes)
+    return max(1, min(want, rows // 8))
+
+
 def _numba_call(name: str, *args) -> None:
     from ..kernels import numba_quilt as nk
 
@@ -366,6 +378,7 @@ def _stitch_numba(patches, shape, step, weight, norm):
         "_stitch_numba",
         src.view(n_img, n_p, n_ch, *_win3(window)).numpy(),
         sz, sy, sx, w, nrm, weight is not None, norm is not None,
+        _numba_slabs(n_img * n_ch, shape[-2]),
         _as5d(out, nd).numpy(),
     )
     return out.to(stitch_output_dtype(patches.dtype))
