@@ -287,7 +287,7 @@ def _numba_slabs(planes: int, rows: int) -> int:
     import numba
 
     threads = 1 if _FORKED else numba.get_num_threads()
-    want = -(-threads // planes)
+    want = -(-threads // max(planes, 1))
     return max(1, min(want, rows // 8))
 
 
