@@ -1,7 +1,8 @@
 """Round-trip benchmark: unstitch + stitch, against qlty 1.5.0, torch fold/unfold and MONAI.
 
 Cases (issue 2): 2D (4, 8, 512, 512) window 64 step 32 border 8; 3D (1, 2, 128, 128, 128)
-window 32 step 16 border 4; border weight 0.1. Every provider does the same job: split
+window 32 step 16 border 4; plus one single-channel volume (1, 1, 192, 192, 192) window 48
+step 24 border 6; border weight 0.1. Every provider does the same job: split
 into weighted overlapping patches and merge them back into the weighted mean (MONAI:
 ``sliding_window_inference`` with an identity predictor and our weight map as
 ``roi_weight_map``; torch: ``F.unfold``/``F.fold``, 2D only and exact here because the
@@ -32,6 +33,8 @@ import harness  # noqa: E402
 CASES = {
     "2d_4x8x512x512_w64_s32": dict(shape=(4, 8, 512, 512), window=(64, 64), step=(32, 32), border=8),
     "3d_1x2x128^3_w32_s16": dict(shape=(1, 2, 128, 128, 128), window=(32,) * 3, step=(16,) * 3, border=4),
+    # one single-channel volume (tomography): parallelism must come from inside the plane
+    "3d_1x1x192^3_w48_s24": dict(shape=(1, 1, 192, 192, 192), window=(48,) * 3, step=(24,) * 3, border=6),
 }
 BW = 0.1
 
