@@ -173,8 +173,9 @@ GEOMS3 = [
 ]
 
 
-@pytest.mark.parametrize("geom", GEOMS3)
-def test_3d_matches_qlty_on_dividing_geometries(geom):
+def _check_3d_against_qlty(geom):
+    """Attributes, unstitch (exact) and stitch (result and norma) equal qlty's; returns the
+    quilts and the input used."""
     Z, Y, X, w, s, b, bw = geom
     ours, ref = NCZYXQuilt(Z, Y, X, w, s, b, bw), qlty.NCZYXQuilt(Z, Y, X, w, s, b, bw)
     _same_attributes(ours, ref, ("Z", "Y", "X"))
@@ -182,11 +183,17 @@ def test_3d_matches_qlty_on_dividing_geometries(geom):
     p = ours.unstitch(x)
     assert torch.equal(p, ref.unstitch(x))
     patches = torch.randn_like(p)
-    r_ours, n_ours = ours.stitch(patches)
-    r_ref, n_ref = ref.stitch(patches)
+    (r_ours, n_ours), (r_ref, n_ref) = ours.stitch(patches), ref.stitch(patches)
     assert r_ours.dtype == r_ref.dtype and n_ours.dtype == n_ref.dtype
     torch.testing.assert_close(n_ours, n_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(r_ours, r_ref, rtol=1e-5, atol=1e-5)
+    return ours, ref, x
+
+
+@pytest.mark.parametrize("geom", GEOMS3)
+def test_3d_matches_qlty_on_dividing_geometries(geom):
+    Z, Y, X = geom[:3]
+    ours, ref, x = _check_3d_against_qlty(geom)
     for t in (torch.randn(2, Z, Y, X), torch.randn(2, 3, Z, Y, X)):
         a = ours.unstitch_data_pair(x, t)
         b_ = ref.unstitch_data_pair(x, t)
@@ -388,16 +395,7 @@ def dividing_geometry3d(draw):
 @settings(max_examples=25, deadline=None)
 @given(dividing_geometry3d())
 def test_3d_matches_qlty_on_random_dividing_geometries(geom):
-    Z, Y, X, w, s, b, bw = geom
-    ours, ref = NCZYXQuilt(Z, Y, X, w, s, b, bw), qlty.NCZYXQuilt(Z, Y, X, w, s, b, bw)
-    _same_attributes(ours, ref, ("Z", "Y", "X"))
-    x = torch.randn(2, 2, Z, Y, X)
-    p = ours.unstitch(x)
-    assert torch.equal(p, ref.unstitch(x))
-    patches = torch.randn_like(p)
-    (r_ours, n_ours), (r_ref, n_ref) = ours.stitch(patches), ref.stitch(patches)
-    torch.testing.assert_close(n_ours, n_ref, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(r_ours, r_ref, rtol=1e-5, atol=1e-5)
+    _check_3d_against_qlty(geom)
 
 
 def test_int64_missing_label_is_exact():
