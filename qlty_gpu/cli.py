@@ -130,35 +130,17 @@ def _run_stack_to_zarr(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("always")
         if args.ome:
-            result = s2z.stack_files_to_ome_zarr(
-                args.directory,
-                args.extension,
-                args.pattern,
-                pyramid_levels=args.levels,
-                downsample_mode=args.downsample,
-                voxel_size=args.voxel_size,
-                unit=args.unit,
-                verbose=verbose,
-                **common,
-            )
+            convert = s2z.stack_files_to_ome_zarr
+            extra = dict(pyramid_levels=args.levels, downsample_mode=args.downsample,
+                         voxel_size=args.voxel_size, unit=args.unit)
         elif args.laplacian:
-            result = s2z.stack_files_to_ome_zarr_laplacian(
-                args.directory,
-                args.extension,
-                args.pattern,
-                pyramid_levels=args.levels,
-                interpolation_mode=args.interpolation,
-                verbose=verbose,
-                **common,
-            )
+            convert = s2z.stack_files_to_ome_zarr_laplacian
+            extra = dict(pyramid_levels=args.levels, interpolation_mode=args.interpolation)
         else:
-            result = s2z.stack_files_to_zarr(
-                args.directory,
-                args.extension,
-                args.pattern,
-                verbose=verbose,
-                **common,
-            )
+            convert, extra = s2z.stack_files_to_zarr, {}
+        result = convert(
+            args.directory, args.extension, args.pattern, verbose=verbose, **extra, **common
+        )
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     for name, info in result.items():
