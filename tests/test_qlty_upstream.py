@@ -69,11 +69,6 @@ PENDING = {
     "test_qlty2_5D_overlapping.py": "2.5D quilt (issue 13)",
     "test_qlty2_5D_plans.py": "2.5D quilt (issue 13)",
     "test_false_color_2D.py": "false colour (issue 14)",
-    "test_patch_pairs.py": "patch pairs (issue 14)",
-    "test_patch_pairs_3d.py": "patch pairs (issue 14)",
-    "test_patch_pairs_3d_gradient.py": "patch pairs (issue 14)",
-    "test_patch_pairs_gradient.py": "patch pairs (issue 14)",
-    "test_patch_pairs_positions.py": "patch pairs and Large quilts (issues 10, 14)",
     "test_pretokenizer_2d.py": "pre-tokenizer (issue 14)",
     "test_qlty2DLarge_coverage.py": "Large quilts (issue 10)",
     "test_qlty3DLarge_coverage.py": "Large quilts (issue 10)",
@@ -83,6 +78,11 @@ PENDING = {
 
 # "file::test" (parametrised ids included) -> why it is expected to fail against qlty_gpu.
 DIFFERS = {
+    "test_patch_pairs_3d.py::test_extract_patch_pairs_3d_exhausts_invalid_displacements": (
+        "displacements are drawn in one vectorised call from the annulus lattice points that "
+        "fit the volume; the per-vector _sample_displacement_vector_3d is kept (its own tests "
+        "pass) but the extractor does not call it, so patching it has no effect"
+    ),
     "test_stack_to_zarr.py::test_stack_files_to_zarr_no_matching_files": (
         "no matching files raises QltyError naming the folder and extension (qlty returns {})"
     ),
