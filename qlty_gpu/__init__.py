@@ -21,6 +21,20 @@ _LAZY = {
     "stack_files_to_ome_zarr": "qlty_gpu.utils.stack_to_zarr",
     "stack_files_to_ome_zarr_laplacian": "qlty_gpu.utils.stack_to_zarr",
     "reconstruct_from_laplacian_pyramid": "qlty_gpu.utils.stack_to_zarr",
+    # training-data utilities (zarr / umap imported where used)
+    "extract_patch_pairs": "qlty_gpu.patch_pairs_2d",
+    "extract_overlapping_pixels": "qlty_gpu.patch_pairs_2d",
+    "extract_patch_pairs_metadata": "qlty_gpu.patch_pairs_2d",
+    "stratified_sample_by_histogram": "qlty_gpu.patch_pairs_2d",
+    "stratified_sample_by_quantiles": "qlty_gpu.patch_pairs_2d",
+    "extract_patches_from_metadata": "qlty_gpu.patch_pairs_2d",
+    "extract_patches_to_zarr": "qlty_gpu.patch_pairs_2d",
+    "ZarrPatchPairDataset": "qlty_gpu.patch_pairs_2d",
+    "extract_patch_pairs_3d": "qlty_gpu.patch_pairs_3d",
+    "extract_overlapping_pixels_3d": "qlty_gpu.patch_pairs_3d",
+    "tokenize_patch": "qlty_gpu.pretokenizer_2d.sequences",
+    "build_sequence_pair": "qlty_gpu.pretokenizer_2d.sequences",
+    "FalseColorGenerator": "qlty_gpu.utils.false_color_2D",
 }
 
 
@@ -39,6 +53,19 @@ def __dir__():
 
 
 __all__ = [
+    "build_sequence_pair",
+    "extract_overlapping_pixels",
+    "extract_overlapping_pixels_3d",
+    "extract_patch_pairs",
+    "extract_patch_pairs_3d",
+    "extract_patch_pairs_metadata",
+    "extract_patches_from_metadata",
+    "extract_patches_to_zarr",
+    "stratified_sample_by_histogram",
+    "stratified_sample_by_quantiles",
+    "tokenize_patch",
+    "FalseColorGenerator",
+    "ZarrPatchPairDataset",
     "reconstruct_from_laplacian_pyramid",
     "stack_files_to_ome_zarr",
     "stack_files_to_ome_zarr_laplacian",

@@ -68,8 +68,6 @@ PENDING = {
     "test_qlty2_5D_coverage.py": "2.5D quilt (issue 13)",
     "test_qlty2_5D_overlapping.py": "2.5D quilt (issue 13)",
     "test_qlty2_5D_plans.py": "2.5D quilt (issue 13)",
-    "test_false_color_2D.py": "false colour (issue 14)",
-    "test_pretokenizer_2d.py": "pre-tokenizer (issue 14)",
     "test_qlty2DLarge_coverage.py": "Large quilts (issue 10)",
     "test_qlty3DLarge_coverage.py": "Large quilts (issue 10)",
     "test_qlty_large.py": "Large quilts (issue 10)",
