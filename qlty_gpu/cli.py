@@ -158,9 +158,55 @@ def _run_stack_to_zarr(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_false_color(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "false-color",
+        help="UMAP false-colour PNG of a 2D image",
+        description=(
+            "Train a UMAP projection on the patches of IMAGE and paint each pixel with the "
+            "colour of its nearest patch; writes an 8-bit RGB PNG to OUT."
+        ),
+    )
+    p.add_argument("image", metavar="IMAGE", help="2D image (TIFF/PNG; channels first or last)")
+    p.add_argument("output", metavar="OUT", help="output PNG path")
+    p.add_argument("--window", type=int, default=32, help="patch size (default 32)")
+    p.add_argument("--step", type=int, default=8, help="patch step (default 8)")
+    p.add_argument("--num-patches", type=int, default=None, help="train on this many patches")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--backend", choices=("auto", "cuml", "umap"), default="auto")
+
+    def run(args: argparse.Namespace) -> int:
+        import numpy as np
+        import torch
+
+        from .io.images import read_image_cyx
+        from .utils.false_color_2D import FalseColorGenerator
+
+        img = read_image_cyx(args.image).astype(np.float32)
+        if img.ndim != 3:
+            raise QltyError(f"IMAGE must be a 2D image, got an array of shape {img.shape}")
+        lo, hi = img.min(axis=(1, 2), keepdims=True), img.max(axis=(1, 2), keepdims=True)
+        img = (img - lo) / np.where(hi > lo, hi - lo, 1.0)
+        x = torch.from_numpy(np.ascontiguousarray(img))[None]
+        gen = FalseColorGenerator(
+            x.shape, window_size=args.window, step_size=args.step, random_state=args.seed,
+            backend=None if args.backend == "auto" else args.backend,
+        )
+        x = x.to(gen.device)
+        gen.train_reducer(x, num_patches=args.num_patches)
+        gen(x)
+        gen.save_png(args.output)
+        print(f"{args.output}: {x.shape[-2]}x{x.shape[-1]} false colour ({gen.backend}: "
+              f"{gen.backend_reason})")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 #: Subcommand registry: name -> function that adds its subparser.
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "stack-to-zarr": _add_stack_to_zarr,
+    "false-color": _add_false_color,
 }
 
 
