@@ -199,9 +199,12 @@ class FalseColorGenerator:
 
     # ------------------------------------------------------------------ helpers
     def _new_reducer(self, n_neighbors: int):
+        kw = {}
+        if self.backend == "umap" and self.random_state is not None:
+            kw["n_jobs"] = 1  # what a seed implies in umap-learn (said explicitly: no warning)
         return _umap_class(self.backend)(
             n_components=3, n_neighbors=n_neighbors, n_epochs=self.n_epochs,
-            random_state=self.random_state,
+            random_state=self.random_state, **kw,
         )
 
     def _flat(self, patches: torch.Tensor) -> torch.Tensor:
