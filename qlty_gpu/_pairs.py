@@ -19,7 +19,9 @@ functions convert to qlty's ``(dx, dy[, dz])`` delta layout at the boundary.
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 from functools import lru_cache
 from typing import Optional
 
@@ -34,6 +36,7 @@ __all__ = [
     "draw_pairs",
     "gather_windows",
     "rotate_patches",
+    "gather_rotated",
     "overlap_pixels",
     "sample_displacement_scalar",
 ]
@@ -152,13 +155,75 @@ def gather_windows(
 ) -> torch.Tensor:
     """``out[i] = tensor[image[i], :, start[i,0]:+w0, start[i,1]:+w1, ...]``, shape (M, C, *window).
 
-    One advanced-indexing call on the ``unfold`` view (no copy of the image); differentiable.
+    Contiguous input without autograd: one ``index_select`` of whole window rows from an
+    overlapping ``(L, w_last)`` row view of the storage (row copies, no per-element index
+    arithmetic). Otherwise one advanced-indexing call on the ``unfold`` view (differentiable).
+    Neither copies the image.
     """
+    m = image.shape[0]
+    c = tensor.shape[1]
+    if tensor.is_contiguous() and not (tensor.requires_grad and torch.is_grad_enabled()):
+        strides = tensor.stride()
+        wl = window[-1]
+        flat = tensor.reshape(-1)
+        rows = flat.as_strided((flat.numel() - wl + 1, wl), (1, 1))
+        base = image * strides[0] + (start * torch.as_tensor(strides[2:], device=start.device)).sum(1)
+        off = base[:, None] + torch.arange(c, device=start.device)[None, :] * strides[1]  # (M, C)
+        for ax in range(len(window) - 1):  # every row of the window: (M, C, w0[, w1])
+            r = torch.arange(window[ax], device=start.device) * strides[2 + ax]
+            off = off[..., None] + r
+        return rows.index_select(0, off.reshape(-1)).reshape(m, c, *window)
     v = tensor
     for ax, w in enumerate(window):
         v = v.unfold(2 + ax, w, 1)  # (N, C, S0-w0+1, ..., w0, ...)
     idx = (image, slice(None), *start.unbind(1))
     return v[idx]
+
+
+def gather_rotated(
+    tensor: torch.Tensor,
+    image: torch.Tensor,
+    start: torch.Tensor,
+    window: tuple[int, int],
+    rot: torch.Tensor,
+    kinds: tuple[int, ...] = (0, 1, 2, 3),
+) -> torch.Tensor:
+    """``torch.rot90`` of the 2D windows at ``start`` by ``rot[i]`` quarter turns, (M, C, U, V).
+
+    Every output row is a forward row of the image, of the image flipped on both axes, or of
+    their transposes (k = 0, 2, 1, 3), so the rotation costs one ``index_select`` of rows
+    from the buffers ``kinds`` needs instead of a per-element gather. Falls back to gather
+    + :func:`rotate_patches` for autograd, non-contiguous input, or when the buffers would
+    be much larger than the output.
+    """
+    n, c, yy, xx = tensor.shape
+    u, v = window
+    m = image.shape[0]
+    kinds = tuple(sorted(set(kinds)))
+    dev = tensor.device
+    if (not tensor.is_contiguous() or (tensor.requires_grad and torch.is_grad_enabled())
+            or tensor.numel() * len(kinds) > 4 * m * c * u * v):
+        return rotate_patches(gather_windows(tensor, image, start, window), rot)
+    flip = tensor.flip(-2, -1) if (2 in kinds or 3 in kinds) else None
+    make = {0: lambda: tensor, 2: lambda: flip, 1: lambda: tensor.transpose(-2, -1),
+            3: lambda: flip.transpose(-2, -1)}
+    buf = torch.cat([make[k]().reshape(-1) for k in kinds])
+    rows = buf.as_strided((buf.numel() - v + 1, v), (1, 1))
+    size = tensor.numel()
+    slot = torch.full((4,), 0, dtype=torch.int64)
+    for i, k in enumerate(kinds):
+        slot[k] = i * size
+    slot = slot.to(dev)
+    k = rot.remainder(4)
+    y, x = start[:, 0], start[:, 1]
+    r0 = torch.where(k == 0, y, torch.where(k == 2, yy - y - u, torch.where(k == 1, x + v - 1, xx - 1 - x)))
+    c0 = torch.where(k == 0, x, torch.where(k == 2, xx - x - v, torch.where(k == 1, y, yy - y - u)))
+    su = torch.where(k % 2 == 1, -1, 1)
+    rstride = torch.where(k % 2 == 1, yy, xx)
+    base = slot[k] + image * (c * yy * xx) + r0 * rstride + c0  # (M,)
+    off = (base[:, None, None] + torch.arange(c, device=dev)[None, :, None] * (yy * xx)
+           + (su * rstride)[:, None, None] * torch.arange(u, device=dev)[None, None, :])
+    return rows.index_select(0, off.reshape(-1)).reshape(m, c, u, v)
 
 
 @lru_cache(maxsize=64)
@@ -183,6 +248,59 @@ def rotate_patches(p: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return out.reshape(m, c, u, v)
 
 
+def window_stats(
+    tensor: torch.Tensor, image: torch.Tensor, starts: list, window: tuple[int, ...],
+    per_image: int,
+) -> list:
+    """Mean and unbiased std over all channels and pixels of each window, float32 ``(M,)``,
+    as ``[(mean, sigma)]`` for every start table in ``starts`` (one set of tables for all).
+
+    Pairs are grouped by image (``per_image`` consecutive pairs each, as drawn). For a block
+    of images at a time, the channel-summed values and squares, centred on each image's
+    mean, are cumulated into float64 summed-area tables; a window is then ``2**ndim`` table
+    lookups. No patch is gathered. Rotations change neither statistic.
+    """
+    m = image.shape[0]
+    nd = len(window)
+    n_img, c = tensor.shape[:2]
+    spatial = tensor.shape[2:]
+    count = c * math.prod(window)
+    mean = torch.empty((len(starts), m), dtype=torch.float64, device=tensor.device)
+    var = torch.empty((len(starts), m), dtype=torch.float64, device=tensor.device)
+    corners = list(itertools.product((0, 1), repeat=nd))
+    block = max(1, (32 << 20) // max(1, math.prod(spatial)))  # ~256 MB of float64 tables
+    with torch.no_grad():
+        for n0 in range(0, n_img if per_image else 0, block):
+            n1 = min(n_img, n0 + block)
+            x = tensor[n0:n1].to(torch.float64)
+            shift = x.mean(dim=tuple(range(1, x.dim())))  # (B,)
+            x = x - shift.reshape([-1] + [1] * (x.dim() - 1))
+            tables = []
+            for v in (x.sum(1), (x * x).sum(1)):  # (B, *spatial)
+                for ax in range(nd):
+                    v = torch.nn.functional.pad(v.cumsum(1 + ax), [0, 0] * (nd - 1 - ax) + [1, 0])
+                tables.append(v)
+            sl = slice(n0 * per_image, n1 * per_image)
+            im = image[sl] - n0
+            for i, start in enumerate(starts):
+                st = start[sl]
+                s1, s2 = (
+                    sum(
+                        (-1 if (nd - sum(cr)) % 2 else 1)
+                        * tab[(im, *(st[:, a] + (window[a] if cr[a] else 0) for a in range(nd)))]
+                        for cr in corners
+                    )
+                    for tab in tables
+                )
+                mean[i, sl] = s1 / count + shift[im]
+                var[i, sl] = (s2 - s1 * s1 / count) / max(count - 1, 1)
+    sigma = var.clamp(min=0).sqrt()
+    if count == 1:
+        sigma = torch.full_like(sigma, float("nan"))  # torch.std of one value
+    mean, sigma = mean.to(torch.float32), sigma.to(torch.float32)
+    return [(mean[i], sigma[i]) for i in range(len(starts))]
+
+
 def overlap_pixels(
     p1: torch.Tensor, p2: torch.Tensor, disp: torch.Tensor, rotations: Optional[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,39 +312,79 @@ def overlap_pixels(
         disp: int64 ``(M, ndim)`` displacement of patch 2 in tensor axis order.
         rotations: optional int64 ``(M,)``: ``p2[i]`` was rotated by ``rot90(., k)`` (2D only).
     """
+    if _numba_ok(p1, p2):
+        return _overlap_numba(p1, p2, disp, rotations)
     m, c = p1.shape[:2]
     win = tuple(p1.shape[2:])
     nd = len(win)
     dev = p1.device
-    valid = torch.ones((m, *win), dtype=torch.bool, device=dev)
-    for ax, w in enumerate(win):
+    valid = None
+    for ax, w in enumerate(win):  # per-axis masks, one broadcast AND per extra axis
         u = torch.arange(w, device=dev)
         d = disp[:, ax : ax + 1]
         ok = (u[None, :] >= d) & (u[None, :] < w + d)  # (M, w)
         shape = [m] + [1] * nd
         shape[1 + ax] = w
-        valid = valid & ok.reshape(shape)
-    flat = valid.reshape(-1).nonzero().squeeze(1)  # (K,) one device->host read
+        valid = ok.reshape(shape) if valid is None else valid & ok.reshape(shape)
+    valid = valid.expand(m, *win)
     per = math.prod(win)
-    pair = flat // per
-    rem = flat % per
-    coords = []
-    for w in reversed(win):
-        coords.append(rem % w)
-        rem = rem // w
-    coords = coords[::-1]  # per axis (K,)
-    src = [coords[a] - disp[pair, a] for a in range(nd)]  # in the unrotated patch 2
+    flat = valid.reshape(-1).nonzero().squeeze(1)  # (K,) one device->host read
+    # flat index, within its window, of the matching pixel of the unrotated patch 2:
+    # q - shift with shift = sum_a d_a * stride_a (valid pixels stay inside the window)
+    wstrides = [math.prod(win[a + 1 :]) for a in range(nd)]
+    shift = (disp * torch.as_tensor(wstrides, device=dev)).sum(1)  # (M,)
+    q = torch.arange(per, device=dev)[None, :] - shift[:, None]  # (M, per)
     if rotations is not None and nd == 2:
-        # p2 = rot90(q, r) => q = rot90(p2, -r): q[a, b] = p2[g_(-r)(a, b)]
-        r = (-rotations[pair]).remainder(4)
-        a, b = src
-        hu, wv = win
-        ya = torch.where(r == 0, a, torch.where(r == 1, b, torch.where(r == 2, hu - 1 - a, hu - 1 - b)))
-        xb = torch.where(r == 0, b, torch.where(r == 1, wv - 1 - a, torch.where(r == 2, wv - 1 - b, a)))
-        src = [ya, xb]
-    o1 = p1[(pair, slice(None), *coords)]
-    o2 = p2[(pair, slice(None), *src)]
+        # p2 = rot90(Q, r): Q.flatten()[q] = p2.flatten()[table[-r % 4, q]]
+        table = _rotation_sources(*win).to(dev)[(-rotations).remainder(4)]  # (M, per)
+        q = torch.gather(table, 1, q.clamp(0, per - 1))
+    src = (q + torch.arange(m, device=dev)[:, None] * per).reshape(-1)[flat]
+    o1 = _channels_last_rows(p1).index_select(0, flat)
+    o2 = _channels_last_rows(p2).index_select(0, src)
     return o1, o2
+
+
+_NUMBA_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64, torch.int16,
+                 torch.uint8, torch.int8)
+
+
+def _numba_ok(p1: torch.Tensor, p2: torch.Tensor) -> bool:
+    """The numba kernel serves CPU tensors outside autograd (the torch path is differentiable)."""
+    if p1.device.type != "cpu" or p1.dtype not in _NUMBA_DTYPES:
+        return False
+    if torch.is_grad_enabled() and (p1.requires_grad or p2.requires_grad):
+        return False
+    return os.environ.get("QLTY_GPU_PAIRS_NUMBA", "1") != "0"
+
+
+def _overlap_numba(p1, p2, disp, rotations):
+    from .kernels.numba_pairs import _overlap_pixels_numba
+
+    m, c = p1.shape[:2]
+    win = tuple(p1.shape[2:])
+    lift = 3 - len(win)
+    d = torch.cat([torch.zeros((m, lift), dtype=torch.int64), disp.to(torch.int64)], 1)
+    w3 = torch.tensor((1,) * lift + win)
+    counts = (w3[None, :] - d.abs()).clamp(min=0).prod(1)  # pixels per pair
+    total = int(counts.sum())
+    offsets = counts.cumsum(0) - counts
+    rot = torch.zeros(m, dtype=torch.int64) if rotations is None else rotations.to(torch.int64)
+    o1 = torch.empty((total, c), dtype=p1.dtype)
+    o2 = torch.empty((total, c), dtype=p2.dtype)
+    shape5 = (m, c) + (1,) * lift + win
+    _overlap_pixels_numba(
+        p1.detach().contiguous().reshape(shape5).numpy(),
+        p2.detach().contiguous().reshape(shape5).numpy(),
+        d.contiguous().numpy(), rot.contiguous().numpy(), offsets.numpy(),
+        o1.numpy(), o2.numpy(),
+    )
+    return o1, o2
+
+
+def _channels_last_rows(p: torch.Tensor) -> torch.Tensor:
+    """``(M * prod(W), C)`` rows of pixels (a view when C == 1)."""
+    c = p.shape[1]
+    return p.movedim(1, -1).reshape(-1, c)
 
 
 def sample_displacement_scalar(

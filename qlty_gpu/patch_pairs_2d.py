@@ -87,11 +87,12 @@ def _sample(tensor, window, num_patches, delta_range, random_seed, rotation_choi
     return window, image, start, disp, rot, allow
 
 
-def _patches(tensor, window, image, start, disp, rot, allow):
+def _patches(tensor, window, image, start, disp, rot, allow, kinds=(0, 1, 2, 3)):
     p1 = _pairs.gather_windows(tensor, image, start, window)
-    p2 = _pairs.gather_windows(tensor, image, start + disp, window)
     if allow:
-        p2 = _pairs.rotate_patches(p2, rot)
+        p2 = _pairs.gather_rotated(tensor, image, start + disp, window, rot, kinds)
+    else:
+        p2 = _pairs.gather_windows(tensor, image, start + disp, window)
     return p1, p2
 
 
@@ -138,7 +139,8 @@ def extract_patch_pairs(
     window, image, start, disp, rot, allow = _sample(
         tensor, window, num_patches, delta_range, random_seed, rotation_choices
     )
-    p1, p2 = _patches(tensor, window, image, start, disp, rot, allow)
+    kinds = _rotation_choices(rotation_choices, window)
+    p1, p2 = _patches(tensor, window, image, start, disp, rot, allow, kinds)
     deltas = disp.flip(1).to(torch.float32)
     if return_positions:
         pos1 = _positions(image, start, include_n_position)
@@ -213,14 +215,6 @@ def extract_overlapping_pixels(
     return _pairs.overlap_pixels(patches1, patches2, disp, rotations)
 
 
-def _stats(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    flat = p.reshape(p.shape[0], -1)
-    if not flat.dtype.is_floating_point:
-        flat = flat.float()
-    sigma, mean = torch.std_mean(flat, dim=1)  # unbiased, as qlty
-    return mean.float(), sigma.float()
-
-
 def extract_patch_pairs_metadata(
     tensor: torch.Tensor,
     window: tuple[int, int],
@@ -233,7 +227,8 @@ def extract_patch_pairs_metadata(
     """Dry run of :func:`extract_patch_pairs`: locations and per-patch statistics.
 
     Draws exactly the pairs :func:`extract_patch_pairs` draws for the same arguments and
-    seed. Statistics are computed in blocks of pairs, so memory stays bounded.
+    seed. Statistics come from summed-area tables of each image (float64, centred), so no
+    patch is gathered and memory stays at a few image-sized buffers.
 
     Args:
         tensor, window, num_patches, delta_range, random_seed, rotation_choices: as for
@@ -250,15 +245,10 @@ def extract_patch_pairs_metadata(
     window, image, start, disp, rot, allow = _sample(
         tensor, window, num_patches, delta_range, random_seed, rotation_choices
     )
-    m = image.shape[0]
-    stats = {k: torch.empty(m, dtype=torch.float32, device=tensor.device)
-             for k in ("mean1", "sigma1", "mean2", "sigma2")}
-    with torch.no_grad():
-        for i in range(0, m, _STAT_CHUNK):
-            sl = slice(i, i + _STAT_CHUNK)
-            p1, p2 = _patches(tensor, window, image[sl], start[sl], disp[sl], rot[sl], allow)
-            stats["mean1"][sl], stats["sigma1"][sl] = _stats(p1)
-            stats["mean2"][sl], stats["sigma2"][sl] = _stats(p2)
+    (mean1, sigma1), (mean2, sigma2) = _pairs.window_stats(
+        tensor, image, [start, start + disp], window, num_patches
+    )
+    stats = {"mean1": mean1, "sigma1": sigma1, "mean2": mean2, "sigma2": sigma2}
     return {
         "image_idx": image,
         "patch1_y": start[:, 0].contiguous(),
@@ -401,11 +391,12 @@ def _selected(metadata, selected_indices, device) -> tuple:
 
 def _from_selected(tensor, window, image, start1, start2, rot):
     p1 = _pairs.gather_windows(tensor, image, start1, window)
-    p2 = _pairs.gather_windows(tensor, image, start2, window)
-    if p2.shape[0] and window[0] == window[1]:
-        p2 = _pairs.rotate_patches(p2, rot)
-    elif p2.shape[0] and bool((rot != 0).any()):
-        p2 = torch.where((rot == 2)[:, None, None, None], p2.flip(-2, -1), p2)
+    if window[0] == window[1]:
+        p2 = _pairs.gather_rotated(tensor, image, start2, window, rot)
+    elif bool((rot % 2 == 1).any()):
+        raise QltyError(f"metadata holds quarter turns, which need a square window, not {window}")
+    else:
+        p2 = _pairs.gather_rotated(tensor, image, start2, window, rot, (0, 2))
     return p1, p2
 
 

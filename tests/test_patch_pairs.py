@@ -280,3 +280,58 @@ def test_cuda_pairs_stay_on_device():
     assert o1.is_cuda and torch.equal(o1, o2)
     q1, q2 = qpp.extract_overlapping_pixels(p1.cpu(), p2.cpu(), d.cpu(), r.cpu())
     assert torch.equal(o1.cpu(), q1)
+
+
+def test_gather_paths_agree_and_autograd_flows():
+    t = torch.randn(2, 3, 30, 34, dtype=torch.float64)
+    ref = pp.extract_patch_pairs(t, (9, 9), 6, (3.0, 6.0), random_seed=2, rotation_choices=(0, 3))
+    # non-contiguous input and autograd input take the unfold path
+    nc = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not nc.is_contiguous()
+    got = pp.extract_patch_pairs(nc, (9, 9), 6, (3.0, 6.0), random_seed=2, rotation_choices=(0, 3))
+    leaf = t.clone().requires_grad_(True)
+    grad = pp.extract_patch_pairs(leaf, (9, 9), 6, (3.0, 6.0), random_seed=2,
+                                  rotation_choices=(0, 3))
+    for a, b, c in zip(ref, got, grad):
+        assert torch.equal(a, b) and torch.equal(a, c.detach())
+    (grad[0].sum() + grad[1].sum()).backward()
+    assert float(leaf.grad.sum()) == 2 * 6 * 2 * 3 * 81
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.float16])
+def test_numba_and_torch_paths_equal_qlty(nd, dtype, monkeypatch):
+    g = torch.Generator().manual_seed(nd)
+    win = (7, 7) if nd == 2 else (4, 6, 5)
+    p1 = torch.randint(-50, 50, (30, 2, *win), generator=g).to(dtype)
+    p2 = torch.randint(-50, 50, (30, 2, *win), generator=g).to(dtype)
+    d = torch.randint(-8, 9, (30, nd), generator=g).float()
+    if nd == 2:
+        r = torch.randint(-3, 8, (30,), generator=g)
+        ref = qpp.extract_overlapping_pixels(p1, p2, d, r)
+        fast = pp.extract_overlapping_pixels(p1, p2, d, r)  # numba unless float16
+        monkeypatch.setenv("QLTY_GPU_PAIRS_NUMBA", "0")
+        slow = pp.extract_overlapping_pixels(p1, p2, d, r)
+    else:
+        ref = qpp3.extract_overlapping_pixels_3d(p1, p2, d)
+        fast = pp3.extract_overlapping_pixels_3d(p1, p2, d)
+        monkeypatch.setenv("QLTY_GPU_PAIRS_NUMBA", "0")
+        slow = pp3.extract_overlapping_pixels_3d(p1, p2, d)
+    for a, b, c in zip(fast, slow, ref):
+        assert a.dtype == dtype and torch.equal(a, c) and torch.equal(b, c)
+
+
+@pytest.mark.parametrize("window,choices", [((6, 6), (0, 1, 2, 3)), ((6, 6), (1,)),
+                                            ((6, 6), (3, 2)), ((5, 7), (0, 2)), ((5, 7), (2,))])
+def test_rotated_row_gather_matches_oracle(window, choices):
+    # many pairs on a small image: the flipped/transposed row buffers are used
+    t = torch.randn(2, 2, 17, 19)
+    p1, p2, d, r, a, b = pp.extract_patch_pairs(t, window, 40, (2.0, 3.0), random_seed=9,
+                                                rotation_choices=choices, return_positions=True,
+                                                include_n_position=True)
+    assert set(r.tolist()) <= {c % 4 for c in choices}
+    assert torch.equal(p2, _slice_oracle(t, b[:, 0], b[:, 1:], window, r))
+    meta = pp.extract_patch_pairs_metadata(t, window, 40, (2.0, 3.0), random_seed=9,
+                                           rotation_choices=choices)
+    again = pp.extract_patches_from_metadata(t, meta, range(80))
+    assert torch.equal(again[1], p2)

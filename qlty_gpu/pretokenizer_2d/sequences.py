@@ -112,9 +112,9 @@ def _batch_values(value, n: int, dtype, device, name: str) -> torch.Tensor:
 
 
 def _axis_overlap(lo: torch.Tensor, starts: torch.Tensor, ps: int) -> torch.Tensor:
-    """``(N, T, n)`` overlap length of boxes ``[lo, lo + ps)`` with tokens ``[s, s + ps)``."""
-    s = starts.to(lo.dtype)
-    return (torch.minimum(lo[..., None], s) + ps - torch.maximum(lo[..., None], s)).clamp(min=0)
+    """``(N, T, n)`` overlap length of boxes ``[lo, lo + ps)`` with tokens ``[s, s + ps)``
+    (both of length ``ps``: ``max(0, ps - |lo - s|)``)."""
+    return (ps - (lo[..., None] - starts.to(lo.dtype)).abs()).clamp_(min=0)
 
 
 def _match_tokens(coords, plan, dx, dy, k, ps, h, w):
