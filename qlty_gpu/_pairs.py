@@ -349,36 +349,64 @@ _NUMBA_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64, torch.i
 
 
 def _numba_ok(p1: torch.Tensor, p2: torch.Tensor) -> bool:
-    """The numba kernel serves CPU tensors outside autograd (the torch path is differentiable)."""
-    if p1.device.type != "cpu" or p1.dtype not in _NUMBA_DTYPES:
+    """CPU tensors of a numba dtype take the numba kernels (forward and backward)."""
+    if p1.device.type != "cpu" or p1.dtype not in _NUMBA_DTYPES or p2.dtype != p1.dtype:
         return False
-    if torch.is_grad_enabled() and (p1.requires_grad or p2.requires_grad):
+    if (p1.requires_grad or p2.requires_grad) and not p1.dtype.is_floating_point:
         return False
     return os.environ.get("QLTY_GPU_PAIRS_NUMBA", "1") != "0"
 
 
-def _overlap_numba(p1, p2, disp, rotations):
-    from .kernels.numba_pairs import _overlap_pixels_numba
-
-    m, c = p1.shape[:2]
-    win = tuple(p1.shape[2:])
+def _lifted(disp, rotations, m, win):
+    """3-axis displacements, rotations, per-pair output offsets and the total count."""
     lift = 3 - len(win)
-    d = torch.cat([torch.zeros((m, lift), dtype=torch.int64), disp.to(torch.int64)], 1)
+    d = torch.cat([torch.zeros((m, lift), dtype=torch.int64), disp.cpu().to(torch.int64)], 1)
     w3 = torch.tensor((1,) * lift + win)
     counts = (w3[None, :] - d.abs()).clamp(min=0).prod(1)  # pixels per pair
-    total = int(counts.sum())
     offsets = counts.cumsum(0) - counts
-    rot = torch.zeros(m, dtype=torch.int64) if rotations is None else rotations.to(torch.int64)
-    o1 = torch.empty((total, c), dtype=p1.dtype)
-    o2 = torch.empty((total, c), dtype=p2.dtype)
-    shape5 = (m, c) + (1,) * lift + win
-    _overlap_pixels_numba(
-        p1.detach().contiguous().reshape(shape5).numpy(),
-        p2.detach().contiguous().reshape(shape5).numpy(),
-        d.contiguous().numpy(), rot.contiguous().numpy(), offsets.numpy(),
-        o1.numpy(), o2.numpy(),
-    )
-    return o1, o2
+    rot = torch.zeros(m, dtype=torch.int64) if rotations is None else rotations.cpu().to(torch.int64)
+    return d.contiguous(), rot.contiguous(), offsets, int(counts.sum()), (1,) * lift + win
+
+
+class _OverlapNumba(torch.autograd.Function):
+    """Numba gather forward, numba scatter backward (the exact adjoint)."""
+
+    @staticmethod
+    def forward(ctx, p1, p2, disp, rotations):
+        from .kernels.numba_pairs import _overlap_pixels_numba
+
+        m, c = p1.shape[:2]
+        win = tuple(p1.shape[2:])
+        d, rot, offsets, total, w3 = _lifted(disp, rotations, m, win)
+        o1 = torch.empty((total, c), dtype=p1.dtype)
+        o2 = torch.empty((total, c), dtype=p2.dtype)
+        _overlap_pixels_numba(
+            p1.detach().contiguous().reshape(m, c, *w3).numpy(),
+            p2.detach().contiguous().reshape(m, c, *w3).numpy(),
+            d.numpy(), rot.numpy(), offsets.numpy(), o1.numpy(), o2.numpy(),
+        )
+        ctx.save_for_backward(d, rot, offsets)
+        ctx.shape = (m, c, *w3)
+        ctx.out_shape = tuple(p1.shape)
+        return o1, o2
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g1, g2):
+        from .kernels.numba_pairs import _overlap_pixels_backward_numba
+
+        d, rot, offsets = ctx.saved_tensors  # grads are materialised (zeros when unused)
+        gp1 = torch.zeros(ctx.shape, dtype=g1.dtype)
+        gp2 = torch.zeros(ctx.shape, dtype=g2.dtype)
+        _overlap_pixels_backward_numba(
+            g1.contiguous().numpy(), g2.contiguous().numpy(),
+            d.numpy(), rot.numpy(), offsets.numpy(), gp1.numpy(), gp2.numpy(),
+        )
+        return gp1.reshape(ctx.out_shape), gp2.reshape(ctx.out_shape), None, None
+
+
+def _overlap_numba(p1, p2, disp, rotations):
+    return _OverlapNumba.apply(p1, p2, disp, rotations)
 
 
 def _channels_last_rows(p: torch.Tensor) -> torch.Tensor:

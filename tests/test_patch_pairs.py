@@ -86,8 +86,11 @@ def test_every_valid_start_is_drawable():
     assert int(torch.minimum(a, b).min()) == 0
 
 
+@pytest.mark.parametrize("path", ["numba", "torch"])
 @pytest.mark.parametrize("rot", [None, "rand"])
-def test_overlapping_pixels_match_qlty_and_gradients(rot):
+def test_overlapping_pixels_match_qlty_and_gradients(rot, path, monkeypatch):
+    if path == "torch":
+        monkeypatch.setenv("QLTY_GPU_PAIRS_NUMBA", "0")
     g = torch.Generator().manual_seed(0)
     m, c, s = 40, 3, 9
     p1 = torch.randn(m, c, s, s, dtype=torch.float64, generator=g, requires_grad=True)
@@ -114,7 +117,10 @@ def test_overlap_of_extracted_pairs_is_exact():
     assert torch.equal(o1, o2)
 
 
-def test_gradcheck_overlap():
+@pytest.mark.parametrize("path", ["numba", "torch"])
+def test_gradcheck_overlap(path, monkeypatch):
+    if path == "torch":
+        monkeypatch.setenv("QLTY_GPU_PAIRS_NUMBA", "0")
     p1 = torch.randn(3, 1, 4, 4, dtype=torch.float64, requires_grad=True)
     p2 = torch.randn(3, 1, 4, 4, dtype=torch.float64, requires_grad=True)
     d = torch.tensor([[1.0, -2.0], [0.0, 0.0], [-3.0, 1.0]])
