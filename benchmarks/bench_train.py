@@ -14,7 +14,8 @@ Cases (same inputs for both providers, each measured in a fresh interpreter):
 * ``false_colour``: a (1, 1, 256, 256) image, window 32, step 8: construct, train on the
   image, colour it (each provider with its default settings).
 
-Usage: ``python benchmarks/bench_train.py [--reps 5] [--only CASE ...]``
+Usage: ``python benchmarks/bench_train.py [--reps 5] [--threads N] [--only CASE ...]``
+(results are appended to ``benchmarks/results/cpu_train.csv``).
 """
 
 from __future__ import annotations
@@ -84,37 +85,56 @@ def _job(case: str, provider: str):
     raise SystemExit(f"unknown case {case}")
 
 
-def child(case: str, provider: str, reps: int) -> None:
-    torch.set_num_threads(os.cpu_count() or 1)
+def child(case: str, provider: str, reps: int, threads: int) -> None:
+    torch.set_num_threads(threads)
     fn = _job(case, provider)
     slow = case in SLOW
     t = harness.median_time(fn, warmup=1 if slow else 2, reps=min(reps, 3) if slow else reps)
     print(json.dumps({"median_s": t, "peak_rss_mb": harness.peak_rss_mb()}))
 
 
+def _append(rows: list[dict]) -> Path:
+    """Rows go to ``results/cpu_train.csv`` (harness columns), apart from the round trips."""
+    import csv
+
+    path = harness.RESULTS / "cpu_train.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=harness.COLUMNS)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in harness.COLUMNS})
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--only", nargs="*", choices=CASES)
-    ap.add_argument("--child", nargs=3, metavar=("CASE", "PROVIDER", "REPS"))
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch intra-op threads for both providers (default: all cores)")
+    ap.add_argument("--child", nargs=4, metavar=("CASE", "PROVIDER", "REPS", "THREADS"))
     args = ap.parse_args()
     if args.child:
-        case, prov, reps = args.child
-        child(case, prov, int(reps))
+        case, prov, reps, threads = args.child
+        child(case, prov, int(reps), int(threads))
         return
     name = harness.device_name("cpu")
     stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    print(f"device: {name}; load average {os.getloadavg()[0]:.1f}")
+    print(f"device: {name}; load average {os.getloadavg()[0]:.1f}; {args.threads} torch threads")
     rows, table = [], []
     for case in args.only or CASES:
         res = {}
         for prov in ("qlty_gpu", "qlty"):
-            res[prov] = harness.run_isolated(__file__, case, prov, str(args.reps))
+            res[prov] = harness.run_isolated(__file__, case, prov, str(args.reps),
+                                             str(args.threads))
             rows.append(dict(
                 timestamp=stamp, device=name, case=case, op="train", provider=prov,
                 median_ms=round(res[prov]["median_s"] * 1e3, 2),
                 peak_rss_mb=round(res[prov]["peak_rss_mb"], 1),
-                notes=f"load={os.getloadavg()[0]:.1f}",
+                backend=f"threads={args.threads}", notes=f"load={os.getloadavg()[0]:.1f}",
             ))
         ratio = res["qlty"]["median_s"] / res["qlty_gpu"]["median_s"]
         table.append(dict(case=case, qlty_gpu_ms=round(res["qlty_gpu"]["median_s"] * 1e3, 1),
@@ -122,7 +142,7 @@ def main() -> None:
                           speedup=f"{ratio:.1f}x"))
         print(f"{case:14s} qlty_gpu {res['qlty_gpu']['median_s'] * 1e3:9.1f} ms   "
               f"qlty {res['qlty']['median_s'] * 1e3:9.1f} ms   {ratio:5.1f}x")
-    path = harness.append_rows(rows, "cpu")
+    path = _append(rows)
     print(f"\nappended {len(rows)} rows to {path}\n")
     print(harness.markdown_table(table, ["case", "qlty_gpu_ms", "qlty_ms", "speedup"]))
 

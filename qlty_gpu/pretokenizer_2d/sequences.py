@@ -13,8 +13,9 @@ exactly what :func:`qlty_gpu.extract_patch_pairs` returns, so its ``deltas`` and
 ``(dx, dy)``, then rotate), and matched with the token ``j`` of patch 2 whose box overlaps
 the mapped box most (first one on ties); ``overlap_fractions[i]`` is that area over
 ``ps**2``. Tokens lie on a regular grid, so the area is a product of per-axis overlaps and
-the best ``j`` is the per-axis best pair: the work is ``O(T * (ny + nx))`` tensor operations
-per pair, vectorised over the batch (qlty: ``O(T**2)`` Python per pair or numba on CPU).
+the best ``j`` is the per-axis nearest token start (a ``searchsorted`` per axis): ``O(T log n)``
+tensor work per pair, vectorised over the batch (qlty: ``O(T**2)`` Python per pair, or
+numba on the CPU).
 
 ``HAS_NUMBA`` is kept for compatibility (qlty's tests toggle it); nothing here uses numba.
 """
@@ -111,10 +112,19 @@ def _batch_values(value, n: int, dtype, device, name: str) -> torch.Tensor:
     return torch.full((n,), value, dtype=dtype, device=device)
 
 
-def _axis_overlap(lo: torch.Tensor, starts: torch.Tensor, ps: int) -> torch.Tensor:
-    """``(N, T, n)`` overlap length of boxes ``[lo, lo + ps)`` with tokens ``[s, s + ps)``
-    (both of length ``ps``: ``max(0, ps - |lo - s|)``)."""
-    return (ps - (lo[..., None] - starts.to(lo.dtype)).abs()).clamp_(min=0)
+def _best_axis(lo: torch.Tensor, starts: tuple[int, ...], ps: int) -> tuple:
+    """Per box ``[lo, lo + ps)`` (any shape): the largest overlap with a token
+    ``[s, s + ps)`` along one axis, ``max(0, ps - |lo - s|)``, and the first token index
+    reaching it. Starts are sorted, so the nearest start is a neighbour of ``lo``."""
+    s = torch.tensor(starts, dtype=lo.dtype, device=lo.device)
+    n = s.numel()
+    i = torch.searchsorted(s, lo.contiguous())  # first start >= lo
+    below = (i - 1).clamp(min=0)
+    above = i.clamp(max=n - 1)
+    d_below = (lo - s[below]).abs()
+    d_above = (s[above] - lo).abs()
+    j = torch.where(d_above < d_below, above, below)  # ties: the lower index
+    return (ps - torch.minimum(d_below, d_above)).clamp_(min=0), j
 
 
 def _match_tokens(coords, plan, dx, dy, k, ps, h, w):
@@ -123,26 +133,29 @@ def _match_tokens(coords, plan, dx, dy, k, ps, h, w):
     t = coords.shape[0]
     y1 = coords[:, 0].to(torch.float64)[None, :] - dy[:, None]  # (N, T) unrotated frame
     x1 = coords[:, 1].to(torch.float64)[None, :] - dx[:, None]
-    k = k[:, None]
     # lower corner of the box after patch2 = rot90(P, k): (y, x) -> k1: (W - x, y),
-    # k2: (H - y, W - x), k3: (x, H - y); boxes keep the side ps
-    by = torch.where(k == 0, y1, torch.where(k == 1, w - x1 - ps, torch.where(k == 2, h - y1 - ps, x1)))
-    bx = torch.where(k == 0, x1, torch.where(k == 1, y1, torch.where(k == 2, w - x1 - ps, h - y1 - ps)))
-    sy = torch.tensor(plan.starts[0], device=dev)
-    sx = torch.tensor(plan.starts[1], device=dev)
-    oy, jy = _axis_overlap(by, sy, ps).max(dim=2)  # first maximum on ties
-    ox, jx = _axis_overlap(bx, sx, ps).max(dim=2)
+    # k2: (H - y, W - x), k3: (x, H - y); boxes keep the side ps. As a table per k:
+    # corner = a * y1 + b * x1 + c
+    coef = torch.tensor(
+        [[1, 0, 0, 0, 1, 0], [0, -1, w - ps, 1, 0, 0],
+         [-1, 0, h - ps, 0, -1, w - ps], [0, 1, 0, -1, 0, h - ps]],
+        dtype=torch.float64, device=dev,
+    )[k]  # (N, 6)
+    by = coef[:, 0:1] * y1 + coef[:, 1:2] * x1 + coef[:, 2:3]
+    bx = coef[:, 3:4] * y1 + coef[:, 4:5] * x1 + coef[:, 5:6]
+    oy, jy = _best_axis(by, plan.starts[0], ps)
+    ox, jx = _best_axis(bx, plan.starts[1], ps)
     frac = oy * ox / float(ps * ps)
     mask1 = frac > 0
-    j = jy * len(sx) + jx
-    idx12 = torch.where(mask1, j, torch.full_like(j, -1))
+    j = jy * len(plan.starts[1]) + jx
+    idx12 = torch.where(mask1, j, -1)
     n = dx.shape[0]
     src = torch.arange(t, device=dev).expand(n, t)
     rev = torch.full((n, t + 1), t, dtype=torch.int64, device=dev)
-    rev.scatter_reduce_(1, torch.where(mask1, j, torch.full_like(j, t)), src, reduce="amin")
+    rev.scatter_reduce_(1, torch.where(mask1, j, t), src, reduce="amin")
     rev = rev[:, :t]
     mask2 = rev < t
-    idx21 = torch.where(mask2, rev, torch.full_like(rev, -1))
+    idx21 = torch.where(mask2, rev, -1)
     return mask1, idx12, mask2, idx21, torch.where(mask1, frac, 0.0).to(torch.float32)
 
 
