@@ -17,6 +17,9 @@ import pytest
 import tifffile
 import zarr
 
+import qlty_gpu.io.pipeline as pipeline
+import qlty_gpu.io.plan as planning
+import qlty_gpu.io.pyramid as pyramid
 import qlty_gpu.utils.stack_to_zarr as s2z
 from qlty_gpu.errors import QltyDependencyError, QltyError
 from qlty_gpu.io.images import ImageReadError
@@ -425,7 +428,7 @@ def test_failed_rewrite_keeps_previous_store(tmp_path):
 
 def test_keyboard_interrupt_removes_partial(tmp_path, monkeypatch):
     write_stack(tmp_path, "a", [rand((8, 8), seed=i) for i in range(6)])
-    real = s2z.read_image
+    real = pipeline.read_image
     calls = {"n": 0}
 
     def flaky(path, **kw):
@@ -434,7 +437,8 @@ def test_keyboard_interrupt_removes_partial(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(path, **kw)
 
-    monkeypatch.setattr(s2z, "read_image", flaky)
+    monkeypatch.setattr(pipeline, "read_image", flaky)  # the slice reader
+    monkeypatch.setattr(planning, "read_image", flaky)  # header fallback
     out = tmp_path / "o"
     with pytest.raises(KeyboardInterrupt):
         stack_files_to_ome_zarr(
@@ -551,7 +555,7 @@ def test_streaming_batches_give_identical_pyramids(tmp_path, batch):
 
 
 def test_ome_auto_levels_and_naming(tmp_path):
-    assert [s2z._num_levels(d, d, None, None) for d in (200, 257, 512, 513, 1024, 4096, 9000)] == [
+    assert [pyramid.num_levels(d, d, None, None) for d in (200, 257, 512, 513, 1024, 4096, 9000)] == [
         1,
         2,
         2,
@@ -774,14 +778,15 @@ def test_bug_ngff_version_matches_zarr_format(tmp_path):
 
 def test_bug_per_image_errors_are_raised_not_swallowed(tmp_path, monkeypatch):
     paths = write_stack(tmp_path, "a", [rand((8, 8), seed=i) for i in range(12)])
-    real = s2z.read_image
+    real = pipeline.read_image
 
     def failing(path, **kw):
         if Path(path) == paths[7]:
             raise OSError("disk on fire")
         return real(path, **kw)
 
-    monkeypatch.setattr(s2z, "read_image", failing)
+    monkeypatch.setattr(pipeline, "read_image", failing)  # the slice reader
+    monkeypatch.setattr(planning, "read_image", failing)  # header fallback
     for workers in (1, 4):
         with pytest.raises(QltyError, match=rf"{re.escape(str(paths[7]))}.*OSError: disk on fire"):
             stack_files_to_ome_zarr(
@@ -1153,14 +1158,15 @@ def test_bug_quiet_runs_print_nothing(tmp_path, capfd):
 
 def test_bug_each_image_decoded_once(tmp_path, monkeypatch):
     write_stack(tmp_path, "a", [rand((8, 8), seed=i) for i in range(6)])
-    real = s2z.read_image
+    real = pipeline.read_image
     calls = []
 
     def counting(path, **kw):
         calls.append(Path(path).name)
         return real(path, **kw)
 
-    monkeypatch.setattr(s2z, "read_image", counting)
+    monkeypatch.setattr(pipeline, "read_image", counting)  # the slice reader
+    monkeypatch.setattr(planning, "read_image", counting)  # header fallback
     stack_files_to_ome_zarr(
         tmp_path, ".tif", PAT, output_dir=tmp_path / "o", pyramid_levels=3, verbose=False
     )
