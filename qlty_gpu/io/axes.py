@@ -58,7 +58,7 @@ def transpose(a: np.ndarray, src: str, dst: str) -> np.ndarray:
     must have length 1), so ``ZYX`` and ``ZCYX`` data convert both ways.
     """
     if "C" in src and "C" not in dst:
-        a = np.take(a, 0, axis=src.index("C"))
+        a = a[(slice(None),) * src.index("C") + (0,)]  # a view, not a copy
         src = src.replace("C", "")
     elif "C" in dst and "C" not in src:
         a = np.expand_dims(a, len(src))
