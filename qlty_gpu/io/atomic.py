@@ -30,7 +30,7 @@ import shutil
 import socket
 import threading
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 from ..errors import QltyError
@@ -189,6 +189,11 @@ class _Gate:
             self.active -= 1
             self.cond.notify_all()
 
+    def close(self) -> None:
+        """Refuse new operations (those running continue)."""
+        with self.cond:
+            self.closed = True
+
     def close_and_drain(self, timeout: float = DRAIN_TIMEOUT) -> bool:
         """Refuse new operations and wait until none is running; ``False`` on timeout."""
         with self.cond:
@@ -253,17 +258,52 @@ def GuardedStore(root, **kwargs):  # noqa: N802 - a class, built on first use (z
     return _GUARDED[0](root, **kwargs)
 
 
+def _settle_zarr_loop(timeout: float = DRAIN_TIMEOUT) -> None:
+    """Wait until zarr's I/O event loop has no task left.
+
+    When one chunk write of an assignment fails, zarr raises at once and leaves the other
+    chunk tasks of that assignment pending on its I/O loop; left alone they run (or are
+    destroyed at exit, printing "Task was destroyed but it is pending" per task). With the
+    store closed they fail at once, so waiting for them is short. Uses zarr's I/O loop
+    (``zarr.core.sync.loop``, zarr 3.0/3.1); does nothing if that is not found.
+    """
+    import asyncio
+
+    try:
+        from zarr.core import sync as zsync
+
+        loop = zsync.loop[0]
+    except (ImportError, AttributeError, IndexError, TypeError):
+        return
+    if loop is None or not loop.is_running():
+        return
+
+    async def settle() -> None:
+        me = asyncio.current_task()
+        for _ in range(100):  # tasks may start others; stop when none is left
+            pending = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+            if not pending:
+                return
+            await asyncio.wait(pending, timeout=timeout)
+
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(settle(), loop).result(timeout + 5)
+
+
 @contextlib.contextmanager
 def atomic_zarr_store(path: str | os.PathLike) -> Iterator:
     """:func:`atomic_store` yielding a :func:`GuardedStore` on the temporary path.
 
-    On failure every write in flight is waited for before the partial store is removed.
+    On failure the store is closed to new writes, zarr's pending chunk tasks and every write
+    in flight are waited for, and only then is the partial store removed.
     """
     with atomic_store(path) as tmp:
         store = GuardedStore(tmp)
         try:
             yield store
         except BaseException:
+            store.gate.close()
+            _settle_zarr_loop()
             store.drain()
             raise
         store.drain()
@@ -292,7 +332,7 @@ def _inside(child: Path, parent: Path) -> bool:
 def check_output(
     out: str | os.PathLike,
     *,
-    files: Iterable[str | os.PathLike] = (),
+    files: Collection[str | os.PathLike] = (),
     folders: Iterable[str | os.PathLike] = (),
     stores: Iterable[str | os.PathLike] = (),
     overwrite: bool = False,
@@ -302,9 +342,10 @@ def check_output(
 
     Args:
         out: The store to be written (replaced if it exists).
-        files: Input files: ``out`` must not be one of them or contain one.
-        folders: Input folders that are scanned: ``out`` must not be one or contain one
-            (it may lie inside, as the default output of a stack conversion does).
+        files: Input files (absolute paths; a set is used as is): ``out`` must not be one
+            of them. Pass their folders in ``folders`` so ``out`` cannot contain them.
+        folders: Input folders: ``out`` must not be one or contain one (it may lie inside,
+            as the default output of a stack conversion does).
         stores: Input stores: ``out`` must not be, contain or lie inside one.
         overwrite: Replace an existing ``out`` that is not a complete qlty_gpu store.
         name: The argument to name in messages.
@@ -324,21 +365,12 @@ def check_output(
         fp = Path(os.path.abspath(f)).resolve()
         if _inside(fp, o):
             raise QltyError(
-                f"{name} {out} is or contains the input folder {f}: replacing it would delete "
+                f"{name} {out} is or contains the input folder {f}: writing it would delete "
                 "the input images; choose another output_dir or output_naming"
             )
-    parents: dict[Path, Path] = {}
-    for f in files:
-        fp = Path(os.path.abspath(f))
-        parents.setdefault(fp.parent.resolve(), fp)
-        if fp.resolve() == o:
-            raise QltyError(f"{name} {out} is the input file {f}; choose another output")
-    for parent, example in parents.items():
-        if _inside(parent, o):
-            raise QltyError(
-                f"{name} {out} contains the input file {example}: replacing it would delete "
-                "the input images; choose another output_dir or output_naming"
-            )
+    file_set = files if isinstance(files, (set, frozenset)) else {Path(f) for f in files}
+    if file_set and (Path(os.path.abspath(out)) in file_set or o in file_set):
+        raise QltyError(f"{name} {out} is an input file; choose another output")
     p = Path(out)
     if (p.exists() or p.is_symlink()) and not overwrite and not is_own_store(p):
         kind = "folder" if p.is_dir() else "file"

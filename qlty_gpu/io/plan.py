@@ -189,7 +189,8 @@ def plan_outputs(
     """
     paths = []
     seen: dict[str, str] = {}
-    every_file = [f for st in stacks for f in st.files]
+    every_file = {Path(os.path.abspath(f)) for st in stacks for f in st.files}
+    folders = [directory, *{f.parent for f in every_file}]
     for st in stacks:
         if output_naming is not None:
             name = output_naming(st.basename)
@@ -212,7 +213,7 @@ def plan_outputs(
                 "(output_naming); give each stack its own name. Nothing was written."
             )
         seen[key] = st.basename
-        check_output(path, files=every_file, folders=[directory], overwrite=overwrite)
+        check_output(path, files=every_file, folders=folders, overwrite=overwrite)
         paths.append(path)
     return paths
 
