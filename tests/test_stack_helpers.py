@@ -64,9 +64,15 @@ def no_partials(folder: Path) -> bool:
 
 
 def convert(kind: str, folder: Path, pattern: str = PAT, extension: str = ".tif", **kw):
-    """Run converter ``kind`` on ``folder`` with the tests' defaults; returns its result."""
+    """Run converter ``kind`` on ``folder`` with the tests' defaults; returns its result.
+
+    Pyramids get ``pyramid_levels=2`` (pass ``None`` for the automatic choice) and no
+    progress bar; ``pyramid_levels`` is dropped for the plain converter.
+    """
     fn = CONVERTERS[kind]
-    if kind != "zarr":
+    if kind == "zarr":
+        kw.pop("pyramid_levels", None)  # callers may pass pyramid options to every kind
+    else:
         kw.setdefault("pyramid_levels", 2)
         kw.setdefault("verbose", False)
     return fn(folder, extension, pattern, **kw)

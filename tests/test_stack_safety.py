@@ -383,3 +383,23 @@ def test_written_metadata_is_strict_json(tmp_path):
 
     text = open(os.path.join(r["s"]["zarr_path"], "zarr.json")).read()
     json.loads(text, parse_constant=strict)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fill_gaps_over_a_huge_gap_writes_only_the_files(tmp_path, kind):
+    imgs = [rand((4, 4), seed=i) + 1 for i in range(3)]
+    write_stack(tmp_path / "in", "t", imgs, counters=[0, 1, 10_000_000])
+    t0 = time.perf_counter()
+    with pytest.warns(StackGapWarning):
+        r = convert(kind, tmp_path / "in", output_dir=tmp_path / "o", fill_gaps=True,
+                    batch_size=2)
+    assert time.perf_counter() - t0 < 20
+    assert r["t"]["shape"] == (10_000_001, 4, 4)
+    if kind == "laplacian":
+        rec = reconstruct_from_laplacian_pyramid(r["t"]["zarr_path"], z_idx=10_000_000)
+        np.testing.assert_array_equal(rec, imgs[2])
+        return
+    root = zarr.open(r["t"]["zarr_path"], mode="r")
+    arr = root if kind == "zarr" else root["0"]
+    np.testing.assert_array_equal(arr[[0, 1, 10_000_000]], np.stack(imgs))
+    assert not arr[5_000_000].any()

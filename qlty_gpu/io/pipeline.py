@@ -50,6 +50,7 @@ __all__ = [
     "run_stack",
     "normalization_stats",
     "batch_bounds",
+    "filled_batches",
     "batch_size_for",
     "compressors",
     "array_kwargs",
@@ -261,6 +262,16 @@ def batch_bounds(Z: int, batch: int) -> list[tuple[int, int]]:
     return [(z0, min(z0 + batch, Z)) for z0 in range(0, Z, batch)]
 
 
+def filled_batches(plan: StackPlan, batch: int) -> list[tuple[int, int]]:
+    """The batches of :func:`batch_bounds` that hold at least one file, in O(files).
+
+    Batches without a file (long gaps with ``fill_gaps=True``) are all zeros, the fill
+    value of every array written, so they are skipped: a gap of 1e8 counters costs nothing.
+    """
+    starts = sorted({z // batch for z in plan.z_of_file})
+    return [(k * batch, min((k + 1) * batch, plan.Z)) for k in starts]
+
+
 def batch_size_for(plan: StackPlan, align: int, batch_size: int | None) -> int:
     """Slices per batch: given or from :data:`BATCH_BYTES`, a multiple of ``align``."""
     if batch_size is not None:
@@ -318,14 +329,16 @@ def run_stack(
             partial store is removed after every write in flight has finished.
     """
     reader = Reader(plan, num_workers, stats, libs)
-    bar = progress(plan.Z, plan.stack.basename) if progress is not None else None
+    bounds = filled_batches(plan, batch)
+    total = sum(z1 - z0 for z0, z1 in bounds)
+    bar = progress(total, plan.stack.basename) if progress is not None else None
     try:
         with atomic_zarr_store(out_path) as store:
             node, arrays = create(store)
             mark_writer(store.root)
             writer = Writer(reader.workers > 1)
             try:
-                for z0, z1, data in reader.batches(batch_bounds(plan.Z, batch)):
+                for z0, z1, data in reader.batches(bounds):
                     writer.put(compute(arrays, z0, z1, data))
                     if bar is not None:
                         bar.update(z1 - z0)
