@@ -403,3 +403,27 @@ def test_fill_gaps_over_a_huge_gap_writes_only_the_files(tmp_path, kind):
     arr = root if kind == "zarr" else root["0"]
     np.testing.assert_array_equal(arr[[0, 1, 10_000_000]], np.stack(imgs))
     assert not arr[5_000_000].any()
+
+
+def test_gaps_behave_as_the_sorted_list_of_missing_counters():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from qlty_gpu.io.stacks import Gaps
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.integers(-50, 50), min_size=1, max_size=30))
+    def check(counters):
+        ref = sorted(set(range(min(counters), max(counters) + 1)) - set(counters))
+        g = Gaps.between(counters)
+        assert len(g) == len(ref) and list(g) == ref and g == ref
+        assert [g[i] for i in range(-len(ref), len(ref))] == ref + ref
+        assert g[1:4] == ref[1:4]
+        assert all((c in g) == (c in ref) for c in range(-52, 53))
+        if len(ref) <= 50:  # longer reports are summarised as ranges
+            assert repr(g) == repr(ref)
+        assert bool(g) == bool(ref)
+        with pytest.raises(IndexError):
+            g[len(ref)]
+
+    check()
