@@ -175,6 +175,7 @@ def test_custom_pattern_and_multichannel(tmp_path):
     )
 
 
+@pytest.mark.slow  # a subprocess
 def test_subprocess_end_to_end_with_progress_bar(tmp_path):
     vol = make_slices(tmp_path / "in", n=5)
     proc = subprocess.run(

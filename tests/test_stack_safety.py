@@ -228,6 +228,7 @@ def test_disk_full_leaves_no_partial_store(tmp_path, kind, monkeypatch):
     assert not out.exists() or not list(out.iterdir()), list(out.iterdir())
 
 
+@pytest.mark.slow  # a subprocess
 def test_disk_full_prints_no_task_destroyed(tmp_path):
     write_stack(tmp_path / "in", "s", [rand((32, 32), seed=i) for i in range(12)])
     code = f"""
