@@ -380,3 +380,36 @@ def test_seed_readme_example_3_small(tmp_path):
         std_result = q.return_mean(std=True)
     np.testing.assert_allclose(mean_result, data.numpy(), atol=1e-5)
     assert isinstance(std_result, tuple) and not std_result[1].any()
+
+
+# ---------------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["auto", "direct", "fused"])
+def test_cuda_patches_accumulate_on_the_gpu(tmp_path, mode):
+    x = torch.randn(2, 2, 37, 29, device="cuda")
+    q = LargeNCYXQuilt(str(tmp_path / "q"), 2, 37, 29, (8, 6), (5, 4), (1, 2), chunks=(10, 9),
+                       accumulate=mode)
+    for idx, p in q.iter_patches(x, 16):
+        assert p.is_cuda
+        q.stitch(p * 2, idx, patch_var=p * p)
+        assert all(a.is_cuda for a in q._acc._acc.values())
+    m, s = q.return_mean(std=True)
+    np.testing.assert_allclose(m, 2 * x.cpu().numpy(), rtol=1e-5, atol=1e-5)
+    cpu = LargeNCYXQuilt(str(tmp_path / "c"), 2, 37, 29, (8, 6), (5, 4), (1, 2), chunks=(10, 9))
+    for idx, p in cpu.iter_patches(x.cpu(), 16):
+        cpu.stitch(p * 2, idx, patch_var=p * p)
+    np.testing.assert_allclose(s, cpu.return_mean(std=True)[1], rtol=1e-5, atol=1e-5)
+    assert set(q._mean_sink.writer.paths) <= {"pinned", "kvikio"}
+    assert "GB/s" in q.io_report
+
+
+@pytest.mark.gpu
+def test_cuda_uncompressed_output_goes_through_kvikio(tmp_path):
+    pytest.importorskip("kvikio")
+    x = torch.randn(1, 1, 3 * 64, 2 * 64 + 5, device="cuda")
+    q = LargeNCYXQuilt(str(tmp_path / "q"), 1, *x.shape[2:], (64, 64), (32, 32), None,
+                       chunks=(64, 64), compressors=None)
+    for idx, p in q.iter_patches(x, 32):
+        q.stitch(p, idx)
+    np.testing.assert_allclose(q.return_mean(), x.cpu().numpy(), atol=1e-6)
+    assert list(q._mean_sink.writer.paths) == ["kvikio"]

@@ -18,7 +18,8 @@ Two ways to add a group of patches, same result up to float rounding:
   split (by leading grid axis, then into runs) until the sub-grid is at least half full.
 
 Memory: the accumulators alive at once, ``C * itemsize * (1 + std) * sum(chunk sizes in
-flight)``. In raster order that peak is :meth:`ChunkGrid.raster_peak_elements` (about two
+flight)``, plus at most two freed accumulators per chunk shape kept for reuse (a fresh
+zeroed buffer costs page faults; a reused one only a fill). In raster order that peak is :meth:`ChunkGrid.raster_peak_elements` (about two
 rows of chunks in 2-D, two slabs in 3-D), independent of ``N``; any other order can hold
 more. ``max_memory`` bounds it: allocating past the budget raises a QltyError before any
 memory is taken.
@@ -100,6 +101,8 @@ class ChunkAccumulator:
         self._var: dict = {}
         self.bytes_in_flight = 0
         self.peak_bytes = 0
+        self._pool: dict = {}  # (shape, dtype, device) -> freed accumulators, reused zeroed
+        self.pooled_bytes = 0
         self.chunks_written = 0
         self._wcache: dict = {}
         # chunks no patch touches (inside gaps) are complete from the start (fill value 0)
@@ -153,6 +156,10 @@ class ChunkAccumulator:
             return acc
         cidx = key[1:]
         need = self.chunk_bytes(cidx, like.element_size())
+        if self.max_memory is not None and \
+                self.bytes_in_flight + self.pooled_bytes + need > self.max_memory:
+            self._pool.clear()  # freed buffers go first
+            self.pooled_bytes = 0
         if self.max_memory is not None and self.bytes_in_flight + need > self.max_memory:
             raise QltyError(
                 f"max_memory={self.max_memory} bytes would be exceeded: {len(self._acc)} chunks "
@@ -162,14 +169,31 @@ class ChunkAccumulator:
                 "larger max_memory"
             )
         shape = (self.channels, *self.grid.chunk_shape(cidx))
-        acc = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        acc = self._zeros(shape, like)
         self._acc[key] = acc
         if self.std_sink is not None:
-            self._var[key] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            self._var[key] = self._zeros(shape, like)
         self._left[key] = int(self._awaited[cidx])
         self.bytes_in_flight += need
         self.peak_bytes = max(self.peak_bytes, self.bytes_in_flight)
         return acc
+
+    def _zeros(self, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        """A zeroed accumulator; a freed one of the same shape is reused (no page faults)."""
+        free = self._pool.get((shape, like.dtype, like.device))
+        if free:
+            t = free.pop()
+            self.pooled_bytes -= t.numel() * t.element_size()
+            return t.zero_()
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+    def _release(self, t: torch.Tensor) -> None:
+        """Keep at most two freed buffers per shape; they count against ``max_memory`` and
+        are dropped first when a new chunk would pass it."""
+        free = self._pool.setdefault((tuple(t.shape), t.dtype, t.device), [])
+        if len(free) < 2:
+            free.append(t)
+            self.pooled_bytes += t.numel() * t.element_size()
 
     # ------------------------------------------------------------ adding
     def add(
@@ -292,6 +316,9 @@ class ChunkAccumulator:
             self.std_sink.write(region, std[None])
         mean = acc.div_(norm)
         self.sink.write(region, mean[None], unit=key)
+        self._release(acc)
+        if var is not None:
+            self._release(var)
         self.done.add(key)
         self.chunks_written += 1
         self.bytes_in_flight -= self.chunk_bytes(cidx, acc.element_size())
