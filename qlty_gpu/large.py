@@ -370,18 +370,22 @@ class _LargeQuilt:
                 bar.close()
 
     def _read_batch(self, src, idx: np.ndarray, device, dtype) -> torch.Tensor:
-        out = []
+        """Patches ``idx``: one read per (image, leading grid planes) group, of the bounding
+        box of its patches (consecutive rows of one image in 2-D, of one z-plane in 3-D)."""
         unr = [self.plan.unravel(int(i)) for i in idx]
-        for n in sorted({u[0] for u in unr}):
-            sel = [u[1:] for u in unr if u[0] == n]
-            origins = np.array([self.grid.patch_origin(g) for g in sel])
+        groups: dict = {}
+        for j, u in enumerate(unr):
+            groups.setdefault((u[0], *u[1:-2]), []).append(j)
+        out: list = [None] * len(unr)
+        for key, rows in groups.items():
+            origins = np.array([self.grid.patch_origin(unr[j][1:]) for j in rows])
             lo = origins.min(axis=0)
             hi = origins.max(axis=0) + np.array(self.window)
-            box = src.read((n, slice(None), *[slice(int(a), int(b)) for a, b in zip(lo, hi)]),
+            box = src.read((key[0], slice(None), *[slice(int(a), int(b)) for a, b in zip(lo, hi)]),
                            device=device, dtype=dtype)
-            for o in origins:
-                out.append(box[(slice(None), *[slice(int(a - l_), int(a - l_) + w)
-                                               for a, l_, w in zip(o, lo, self.window)])])
+            for j, o in zip(rows, origins):
+                out[j] = box[(slice(None), *[slice(int(a - l_), int(a - l_) + w)
+                                             for a, l_, w in zip(o, lo, self.window)])]
         return torch.stack(out)
 
     # ------------------------------------------------------------ stitch

@@ -152,6 +152,27 @@ def test_iter_patches_progress_and_lazy_reads(tmp_path, capsys):
     assert src.reads == [(0, slice(0, 2), slice(0, 8), slice(20, 28))]
 
 
+def test_3d_batch_reads_stay_within_one_z_plane(tmp_path):
+    reads = []
+
+    class Counting:
+        def __init__(self, a):
+            self.a, self.shape, self.dtype = a, a.shape, a.dtype
+
+        def __getitem__(self, key):
+            reads.append(key)
+            return self.a[key]
+
+    x = np.random.default_rng(0).standard_normal((1, 1, 20, 30, 30)).astype(np.float32)
+    q = LargeNCZYXQuilt(str(tmp_path / "q"), 1, 20, 30, 30, (8, 8, 8), (4, 4, 4), None,
+                        chunks=(8, 12, 12))
+    for idx, p in q.iter_patches(Counting(x), batch_size=10):  # batches straddle z-planes
+        q.stitch(p, idx)
+    assert all(k[2].stop - k[2].start == 8 for k in reads)  # one plane of patches per read
+    assert max((k[3].stop - k[3].start) * (k[4].stop - k[4].start) for k in reads) <= 16 * 30
+    np.testing.assert_allclose(q.return_mean(), x, rtol=1e-5, atol=1e-5)
+
+
 def test_sources_zarr_h5py_memmap(tmp_path):
     import h5py
 
