@@ -486,6 +486,8 @@ class _LargeQuilt:
 
     # ------------------------------------------------------------ results
     def _finalise(self) -> None:
+        if self._acc is None and self._stored is not None:  # resumed, nothing left to stitch
+            self._open(int(self._stored["C"]), bool(self._stored["std"]), None)
         if self._acc is None:
             raise QltyError("return_mean called before any stitch: there is no result yet")
         if self._acc.unfinished:

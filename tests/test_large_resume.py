@@ -157,3 +157,21 @@ def test_sigkill_then_resume_equals_uninterrupted(key, tmp_path):
     assert m.attrs["qlty_gpu"]["complete"]
     np.testing.assert_array_equal(m[:], ref_m)
     np.testing.assert_array_equal(zarr.open_array(path + "_std.zarr")[:], ref_s)
+
+
+def test_resume_after_every_chunk_was_written_but_before_return_mean(tmp_path):
+    g = GEOS["3d"]
+    path = str(tmp_path / "run")
+    q = _quilt(g, path)
+    x = _data(g)
+    for idx, p in q.iter_patches(x, 8):
+        q.stitch(_model(p), idx, patch_var=p.abs())
+    del q  # killed before return_mean: the store is not marked complete
+    assert not zarr.open_array(path + "_mean.zarr").attrs["qlty_gpu"]["complete"]
+    r = _quilt(g, path, resume=True)
+    assert r.pending_indices().size == 0 and list(r.iter_patches(x)) == []
+    _, (ref_m, ref_s) = _run(g, str(tmp_path / "ref"))
+    m, s = r.return_mean(std=True)
+    np.testing.assert_array_equal(m, ref_m)
+    np.testing.assert_array_equal(s, ref_s)
+    assert zarr.open_array(path + "_mean.zarr").attrs["qlty_gpu"]["complete"]
