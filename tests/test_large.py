@@ -434,3 +434,20 @@ def test_cuda_uncompressed_output_goes_through_kvikio(tmp_path):
         q.stitch(p, idx)
     np.testing.assert_allclose(q.return_mean(), x.cpu().numpy(), atol=1e-6)
     assert list(q._mean_sink.writer.paths) == ["kvikio"]
+
+
+@pytest.mark.parametrize("shape,window,step", [((12, 10), (4, 3), (3, 2)),
+                                               ((7, 6, 5), (3, 3, 2), (2, 2, 2))])
+def test_fused_accumulation_through_the_triton_kernels(tmp_path, monkeypatch, shape, window, step):
+    """The CUDA default (fused stitch op per batch) run through the real Triton kernels in the
+    interpreter: what a CUDA patch batch executes, on CPU tensors."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("QLTY_GPU_BACKEND", "triton")
+    cls = LargeNCYXQuilt if len(shape) == 2 else LargeNCZYXQuilt
+    x = torch.randn(1, 2, *shape)
+    q = cls(str(tmp_path / "q"), 1, *shape, window=window, step=step, border=1,
+            chunks=tuple(max(1, d // 2) for d in shape), accumulate="fused")
+    order = np.random.default_rng(0).permutation(q.N_chunks)
+    for b in np.array_split(order, 3):
+        q.stitch(torch.stack([q.unstitch(x, int(i)) for i in b]), torch.from_numpy(b))
+    np.testing.assert_allclose(q.return_mean(), x.numpy(), rtol=1e-5, atol=1e-5)

@@ -8,6 +8,10 @@
 * :mod:`~qlty_gpu.stream.store`: :class:`ZarrSink`, a Zarr v3 output written in whole chunks
   with a manifest of finished units, a settings fingerprint and a completion marker.
 * :mod:`~qlty_gpu.stream.device_io`: the kvikio / pinned-host seam and its GB/s report.
+* :mod:`~qlty_gpu.stream.accumulate`: :class:`ChunkAccumulator`, per-chunk accumulators with
+  completion counting; each finished chunk is normalised and written once to a sink.
+* :mod:`~qlty_gpu.stream.results` / :mod:`~qlty_gpu.stream.pairs`: chunk-wise result
+  transforms and training pairs for the Large quilts.
 
 Example:
     >>> import numpy as np, tempfile, os
@@ -24,6 +28,7 @@ Example:
     True
 """
 
+from .accumulate import ChunkAccumulator
 from .chunks import ChunkGrid, default_chunks
 from .device_io import ChunkWriter, IOChoice, choose_io_path
 from .sources import ArraySource, as_source, normalize_region, read_region
@@ -31,6 +36,7 @@ from .store import MARKER, ZarrSink, fingerprint_diff, unit_key
 
 __all__ = [
     "ArraySource",
+    "ChunkAccumulator",
     "ChunkGrid",
     "ChunkWriter",
     "IOChoice",
