@@ -27,7 +27,7 @@ CASES = {
                         chunks=(6, 15)),
     "3d_border": dict(N=1, C=2, shape=(13, 15, 11), window=(6, 5, 4), step=(4, 3, 3),
                       border=(1, 1, 1), chunks=(5, 8, 6)),
-    "3d_gaps": dict(N=2, C=1, shape=(12, 10, 9), window=(3, 4, 3), step=(4, 4, 2), border=None,
+    "3d_gaps": dict(N=1, C=2, shape=(12, 10, 9), window=(3, 4, 3), step=(4, 4, 2), border=None,
                     chunks=(4, 4, 4)),
 }
 
