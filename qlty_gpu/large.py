@@ -454,7 +454,7 @@ class _LargeQuilt:
         if (var is not None) != (acc.std_sink is not None):
             raise QltyError("patch_var must be given for every patch or for none (it decides "
                             f"whether {self.std_path!r} is written at the first stitch)")
-        keep, grids, n_of = [], [], []
+        keep, grids, n_of, touch = [], [], [], []
         for j, index in enumerate(indices):
             n, *grid = self.plan.unravel(index)
             if self._seen[index]:
@@ -471,6 +471,7 @@ class _LargeQuilt:
             keep.append(j)
             grids.append(tuple(grid))
             n_of.append(n)
+            touch.append(chunks)
         for j in keep:
             self._seen[indices[j]] = True
         # images in order; the accumulator sees one image per call
@@ -482,7 +483,7 @@ class _LargeQuilt:
             if acc._acc:  # accumulators exist: patches go to their device
                 p = p.to(next(iter(acc._acc.values())).device)
                 v = None if v is None else v.to(p.device)
-            acc.add(n, [grids[k] for k in sel], p, v)
+            acc.add(n, [grids[k] for k in sel], p, v, chunks=[touch[k] for k in sel])
 
     # ------------------------------------------------------------ results
     def _finalise(self) -> None:

@@ -202,16 +202,20 @@ class ChunkAccumulator:
         grids: Sequence[Sequence[int]],
         patches: torch.Tensor,
         var: Optional[torch.Tensor] = None,
+        chunks: Optional[Sequence[Sequence[tuple]]] = None,
     ) -> None:
         """Add patches ``(k, C, *window)`` of image ``n`` at grid positions ``grids``.
+
+        ``chunks`` (optional) lists, per patch, the chunks it touches
+        (``grid.chunks_of_patch``), when the caller has them already.
 
         ``var`` (same shape) is required iff the accumulator has a std sink. The caller
         guarantees each patch arrives once (the Large quilts check it).
         """
         grids = [tuple(int(v) for v in g) for g in grids]
-        touched = [
-            [c for c in self.grid.chunks_of_patch(g) if not self.is_done((n, *c))] for g in grids
-        ]
+        if chunks is None:
+            chunks = [self.grid.chunks_of_patch(g) for g in grids]
+        touched = [[c for c in cs if not self.is_done((n, *c))] for cs in chunks]
         mode = self.mode
         if mode == "auto":
             mode = "fused" if patches.device.type == "cuda" else "direct"
