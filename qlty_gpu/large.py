@@ -48,7 +48,7 @@ from .stream.chunks import ChunkGrid, default_chunks
 from .stream.pairs import clean_sparse_pairs
 from .stream.results import derived_stores, transformed_chunks, zeros_store
 from .stream.sources import as_source
-from .stream.store import ZarrSink, fingerprint_diff, read_marker
+from .stream.store import ZarrSink, fingerprint_diff, read_marker, remove_store
 
 __all__ = ["LargeNCYXQuilt", "LargeNCZYXQuilt"]
 
@@ -203,6 +203,8 @@ class _LargeQuilt:
         kw = dict(dtype=self.dtype, fingerprint=fp, overwrite=self.overwrite,
                   resume=self.resume, compressors=self.compressors)
         shape, chunks = self._out_shape(channels), self._out_chunks(channels)
+        if not with_std and self.overwrite:
+            remove_store(self.std_path)  # a stale std of an earlier run would look current
         self._std_sink = ZarrSink(self.std_path, shape, chunks, **kw) if with_std else None
         self._mean_sink = ZarrSink(self.mean_path, shape, chunks, **kw)
         self.mean = self._mean_sink.array

@@ -344,6 +344,13 @@ def test_existing_outputs_overwrite_and_foreign(tmp_path):
     with pytest.raises(QltyError, match="already exists; pass overwrite=True"):
         LargeNCYXQuilt(f, 1, 8, 8, (4, 4), (4, 4), None)
     np.testing.assert_allclose(run(overwrite=True), x.numpy(), atol=1e-6)
+    q = LargeNCYXQuilt(f, 1, 8, 8, (4, 4), (4, 4), None, overwrite=True)
+    for i, p in q.iter_patches(x, 4):
+        q.stitch(p, i, patch_var=p)
+    q.return_mean(std=True)
+    assert os.path.isdir(f + "_std.zarr")
+    run(overwrite=True)  # no patch_var now: the old std store goes too
+    assert not os.path.exists(f + "_std.zarr")
     foreign = str(tmp_path / "other")
     os.makedirs(foreign + "_mean.zarr")
     for kw in ({"overwrite": True}, {"resume": True}):

@@ -172,3 +172,16 @@ def test_fsync_syncs_chunk_files_before_recording(tmp_path, monkeypatch):
     s.write((slice(0, 4), slice(3, 6)), np.ones((4, 3)), unit="u")
     assert [p.split("o.zarr/")[1] for p in synced] == ["c/0/1", "c/1/1", "qlty_gpu_done/u"]
     assert all(os.path.exists(p) for p in synced)
+
+
+def test_remove_store_only_removes_ours(tmp_path):
+    from qlty_gpu.stream.store import remove_store
+
+    path = str(tmp_path / "o.zarr")
+    assert remove_store(path) is False
+    _sink(path).finish()
+    assert remove_store(path) is True and not os.path.exists(path)
+    os.makedirs(path)
+    with pytest.raises(QltyError, match="never deleted"):
+        remove_store(path)
+    assert os.path.isdir(path)

@@ -58,7 +58,7 @@ import torch
 from ..errors import QltyError, QltyTypeError, describe
 from .device_io import ChunkWriter
 
-__all__ = ["ZarrSink", "MARKER", "unit_key", "fingerprint_diff", "read_marker"]
+__all__ = ["ZarrSink", "MARKER", "unit_key", "fingerprint_diff", "read_marker", "remove_store"]
 
 MARKER = "qlty_gpu"
 _DONE = "qlty_gpu_done"
@@ -119,6 +119,30 @@ def read_marker(array: Any) -> Optional[dict]:
     if isinstance(m, dict) and m.get("kind") == _KIND:
         return m
     return None
+
+
+def remove_store(path: Union[str, os.PathLike]) -> bool:
+    """Delete the qlty_gpu store at ``path`` (marked incomplete first); False if none.
+
+    Raises:
+        QltyError: something at ``path`` that qlty_gpu did not write (it is never deleted).
+    """
+    import zarr
+
+    path = os.fspath(path)
+    if not os.path.lexists(path):
+        return False
+    try:
+        arr = zarr.open_array(path, mode="r+")
+    except Exception:  # noqa: BLE001 - not a readable Zarr array: foreign
+        arr = None
+    marker = read_marker(arr) if arr is not None else None
+    if marker is None:
+        raise QltyError(f"{path!r} was not written by qlty_gpu (no qlty_gpu marker); it is never "
+                        "deleted: remove it yourself or choose another path")
+    arr.update_attributes({MARKER: {**marker, "complete": False}})
+    shutil.rmtree(path)
+    return True
 
 
 def _sync(coro):
@@ -248,12 +272,7 @@ class ZarrSink:
                     "(no qlty_gpu marker); it is never deleted: remove it yourself or choose "
                     "another path"
                 )
-            # first make the old store look unfinished (atomic), then delete it
-            old = zarr.open_array(path, mode="r+")
-            m = dict(marker)
-            m["complete"] = False
-            old.update_attributes({MARKER: m})
-            shutil.rmtree(path)
+            remove_store(path)  # marks the old store unfinished (atomic), then deletes it
         return zarr.create_array(
             store=path, shape=self.shape, chunks=chunks, dtype=self.dtype,
             fill_value=fill_value, compressors=compressors,
