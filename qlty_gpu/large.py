@@ -115,30 +115,20 @@ class _LargeQuilt:
         self.user_fingerprint = dict(fingerprint or {})
         self._weight = self.plan.weight("cpu", torch.float64).clone()
         self._acc: Optional[ChunkAccumulator] = None
-        self._mean_sink: Optional[ZarrSink] = None
-        self._std_sink: Optional[ZarrSink] = None
+        self._mean_sink = self._std_sink = self._stored = None
         self._seen = np.zeros(self.N_chunks, dtype=bool)
-        self.skipped = 0
-        self._stored: Optional[dict] = None
-        self._prev_done: set = set()
+        self.skipped, self._prev_done = 0, set()
         self._check_outputs()
 
     # ------------------------------------------------------------ outputs and resume
-    @property
-    def mean_path(self) -> str:
-        """Path of the mean output store."""
-        return self.filename + "_mean.zarr"
-
-    @property
-    def std_path(self) -> str:
-        """Path of the std output store."""
-        return self.filename + "_std.zarr"
+    mean_path = property(lambda self: self.filename + "_mean.zarr", doc="The mean store's path.")
+    std_path = property(lambda self: self.filename + "_std.zarr", doc="The std store's path.")
 
     def _fingerprint(self, channels: Optional[int], with_std: Optional[bool]) -> dict:
         w = self._weight
         custom = not torch.equal(w, self.plan.weight("cpu", torch.float64))
-        fp = {
-            "class": type(self).__name__, "N": self.N, "shape": list(self.plan.shape),
+        return {
+            "class": type(self).__name__, "qlty_gpu": _version(), "N": self.N, "shape": list(self.plan.shape),
             "window": list(self.window), "step": list(self.step),
             "border": list(self.border) if self.border else None,
             "border_weight": self.border_weight, "eps": self.eps,
@@ -146,7 +136,6 @@ class _LargeQuilt:
             "weight": hashlib.sha1(w.numpy().tobytes()).hexdigest()[:16] if custom else "plan",
             "C": channels, "std": with_std, **self.user_fingerprint,
         }
-        return fp
 
     def _check_outputs(self) -> None:
         """Refuse early (before any model runs) what creating the outputs would refuse."""
