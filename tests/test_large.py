@@ -122,6 +122,22 @@ def test_any_patch_order_and_batching(tmp_path_factory, perm, bs, mode):
     np.testing.assert_allclose(q.return_mean(), 3 * x.numpy(), rtol=1e-5, atol=1e-5)
 
 
+@settings(max_examples=10, deadline=None)
+@given(st.permutations(list(range(3 * 3 * 4))), st.integers(1, 7),
+       st.sampled_from(["direct", "fused"]))
+def test_any_patch_order_and_batching_3d(tmp_path_factory, perm, bs, mode):
+    d = tmp_path_factory.mktemp("perm3")
+    x = torch.randn(1, 1, 9, 8, 11)
+    q = LargeNCZYXQuilt(str(d / "q"), 1, 9, 8, 11, window=(4, 4, 5), step=(3, 2, 2),
+                        border=(1, 0, 1), chunks=(4, 3, 5), accumulate=mode)
+    assert q.N_chunks == len(perm)
+    perm = np.array(perm)
+    for b0 in range(0, len(perm), bs):
+        idx = perm[b0:b0 + bs]
+        q.stitch(torch.stack([q.unstitch(x, int(i)) for i in idx]) - 1, idx)
+    np.testing.assert_allclose(q.return_mean(), x.numpy() - 1, rtol=1e-5, atol=1e-5)
+
+
 def test_iter_patches_progress_and_lazy_reads(tmp_path, capsys):
     class Counting:
         def __init__(self, a):
