@@ -13,6 +13,7 @@ from .cleanup import (
 )
 from .errors import QltyError
 from .geometry import QuiltPlan
+from .large import LargeNCYXQuilt, LargeNCZYXQuilt
 from .quilt import NCYXQuilt, NCZYXQuilt
 
 # Image-stack conversion pulls in zarr and image readers: imported on first use.
@@ -39,6 +40,8 @@ def __dir__():
 
 
 __all__ = [
+    "LargeNCYXQuilt",
+    "LargeNCZYXQuilt",
     "reconstruct_from_laplacian_pyramid",
     "stack_files_to_ome_zarr",
     "stack_files_to_ome_zarr_laplacian",
