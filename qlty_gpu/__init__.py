@@ -13,6 +13,7 @@ from .cleanup import (
 )
 from .errors import QltyError
 from .geometry import QuiltPlan
+from .large import LargeNCYXQuilt, LargeNCZYXQuilt
 from .quilt import NCYXQuilt, NCZYXQuilt
 
 # Image-stack conversion pulls in zarr and image readers: imported on first use.
@@ -53,6 +54,8 @@ def __dir__():
 
 
 __all__ = [
+    "LargeNCYXQuilt",
+    "LargeNCZYXQuilt",
     "build_sequence_pair",
     "extract_overlapping_pixels",
     "extract_overlapping_pixels_3d",

@@ -94,6 +94,11 @@ def _add_stack_to_zarr(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, help="reader threads (default: up to 8)")
     p.add_argument("--batch-size", type=int, default=None, help="slices per batch")
     p.add_argument("--dry-run", action="store_true", help="print the stacks found; write nothing")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing outputs that are not qlty_gpu stores (default: refuse)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_stack_to_zarr)
 
@@ -111,6 +116,7 @@ def _run_stack_to_zarr(args: argparse.Namespace) -> int:
         normalize=args.normalize,
         fill_gaps=args.fill_gaps,
         batch_size=args.batch_size,
+        overwrite=args.overwrite,
     )
     verbose = not args.quiet
     if not (args.ome or args.laplacian):

@@ -48,13 +48,11 @@ def describe(value: object) -> str:
 
 
 def require(module: str, extra: str):
-    """Import an optional dependency or raise :class:`QltyDependencyError` naming the extra."""
-    import importlib
+    """Import an optional dependency or raise :class:`QltyDependencyError` naming the extra.
 
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:  # pragma: no cover - exercised via monkeypatch in tests
-        raise QltyDependencyError(
-            f"this feature needs the optional package {module!r}: "
-            f"pip install 'qlty_gpu[{extra}]' ({exc})"
-        ) from exc
+    The one mechanism lives in :func:`qlty_gpu._optional.require`; this name is kept so
+    ``from qlty_gpu.errors import require`` keeps working.
+    """
+    from ._optional import require as _require
+
+    return _require(module, extra)

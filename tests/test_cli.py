@@ -175,6 +175,7 @@ def test_custom_pattern_and_multichannel(tmp_path):
     )
 
 
+@pytest.mark.slow  # a subprocess
 def test_subprocess_end_to_end_with_progress_bar(tmp_path):
     vol = make_slices(tmp_path / "in", n=5)
     proc = subprocess.run(
@@ -201,3 +202,26 @@ def test_subprocess_end_to_end_with_progress_bar(tmp_path):
     assert "5/5" in proc.stderr  # tqdm progress bar
     g = zarr.open_group(tmp_path / "out" / "cells.ome.zarr", mode="r")
     np.testing.assert_array_equal(g["0"][:], vol)
+
+
+def test_foreign_output_refused_unless_overwrite(tmp_path, capsys):
+    vol = make_slices(tmp_path / "in")
+    store = tmp_path / "out" / "cells.zarr"
+    store.mkdir(parents=True)
+    (store / "notes.txt").write_text("keep")
+    argv = ["stack-to-zarr", str(tmp_path / "in"), str(tmp_path / "out"), "-q"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "not a store written by qlty_gpu" in err and "overwrite" in err
+    assert (store / "notes.txt").exists()
+    assert main([*argv, "--overwrite"]) == 0
+    np.testing.assert_array_equal(zarr.open_array(store, mode="r")[:], vol)
+
+
+def test_huge_counter_gap_summarised(tmp_path, capsys):
+    make_slices(tmp_path / "in", "t", 2, counters=[0, 10**9])
+    rc = main(["stack-to-zarr", str(tmp_path / "in"), str(tmp_path / "out"), "--dry-run", "-q"])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    assert "missing counters 1..999999999 (999999999 missing counters in 1 gap)" in out
+    assert len(out) < 500 and len(err) < 1000

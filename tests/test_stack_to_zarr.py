@@ -16,7 +16,11 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from test_stack_helpers import CONVERTERS, PAT, PNG_PAT, convert, no_partials, rand, write_stack
 
+import qlty_gpu.io.pipeline as pipeline
+import qlty_gpu.io.plan as planning
+import qlty_gpu.io.pyramid as pyramid
 import qlty_gpu.utils.stack_to_zarr as s2z
 from qlty_gpu.errors import QltyDependencyError, QltyError
 from qlty_gpu.io.images import ImageReadError
@@ -29,35 +33,6 @@ from qlty_gpu.utils.stack_to_zarr import (
     stack_files_to_zarr,
 )
 
-PAT = r"(.+)_(\d+)\.tif$"
-PNG_PAT = r"(.+)_(\d+)\.png$"
-
-
-def write_stack(folder: Path, name: str, images, ext: str = ".tif", pad: int = 0, counters=None):
-    """Write slices ``images[z]`` as ``name_<counter>.<ext>``; returns the paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    counters = list(range(len(images))) if counters is None else counters
-    paths = []
-    for c, img in zip(counters, images):
-        p = folder / f"{name}_{c:0{pad}d}{ext}"
-        if ext in (".tif", ".tiff", ".TIF"):
-            rgb = img.ndim == 3 and img.shape[-1] in (3, 4) and img.shape[0] > 4
-            tifffile.imwrite(p, img, photometric="rgb" if rgb else "minisblack")
-        else:
-            from PIL import Image
-
-            Image.fromarray(img).save(p)
-        paths.append(p)
-    return paths
-
-
-def rand(shape, dtype=np.uint16, seed=0):
-    rng = np.random.default_rng(seed)
-    if np.dtype(dtype).kind == "f":
-        return rng.random(shape).astype(dtype)
-    hi = min(np.iinfo(dtype).max, 60000)
-    return rng.integers(0, hi, shape).astype(dtype)
-
 
 def block_mean_ref(a: np.ndarray, f: tuple[int, ...]) -> np.ndarray:
     """Mean of f-sized blocks; edge blocks average only existing elements (float64)."""
@@ -67,10 +42,6 @@ def block_mean_ref(a: np.ndarray, f: tuple[int, ...]) -> np.ndarray:
         sl = tuple(slice(i * k, (i + 1) * k) for i, k in zip(idx, f))
         out[idx] = a[sl].astype(np.float64).mean()
     return out
-
-
-def no_partials(folder: Path) -> bool:
-    return not any(".partial-" in p.name or ".old-" in p.name for p in folder.iterdir())
 
 
 # ------------------------------------------------------------------------------------------
@@ -295,9 +266,9 @@ def test_fill_gaps_rejects_duplicate_counters(tmp_path):
 
 
 def test_error_directory_missing(tmp_path):
-    for fn in (stack_files_to_zarr, stack_files_to_ome_zarr, stack_files_to_ome_zarr_laplacian):
+    for kind in CONVERTERS:
         with pytest.raises(QltyError, match="Directory does not exist"):
-            fn(tmp_path / "nope", ".tif", PAT)
+            convert(kind, tmp_path / "nope")
 
 
 def test_error_pattern_groups(tmp_path):
@@ -402,11 +373,10 @@ def test_interrupted_conversion_leaves_no_complete_store(tmp_path):
     bad.write_bytes(data[: len(data) // 2])  # header intact, pixel data truncated
     assert Image.open(bad).size == (32, 32)
     out = tmp_path / "o"
-    fns = (stack_files_to_zarr, stack_files_to_ome_zarr, stack_files_to_ome_zarr_laplacian)
-    for fn, workers in itertools.product(fns, (1, 3)):
-        kw = {} if fn is stack_files_to_zarr else {"pyramid_levels": 2, "verbose": False}
+    for kind, workers in itertools.product(CONVERTERS, (1, 3)):
         with pytest.raises(QltyError, match=r"s_5\.png"):
-            fn(tmp_path, ".png", PNG_PAT, output_dir=out, batch_size=2, num_workers=workers, **kw)
+            convert(kind, tmp_path, PNG_PAT, ".png", output_dir=out, batch_size=2,
+                    num_workers=workers)
         assert not list(out.glob("*.zarr")), list(out.iterdir())
         assert no_partials(out)
 
@@ -425,7 +395,7 @@ def test_failed_rewrite_keeps_previous_store(tmp_path):
 
 def test_keyboard_interrupt_removes_partial(tmp_path, monkeypatch):
     write_stack(tmp_path, "a", [rand((8, 8), seed=i) for i in range(6)])
-    real = s2z.read_image
+    real = pipeline.read_image
     calls = {"n": 0}
 
     def flaky(path, **kw):
@@ -434,7 +404,8 @@ def test_keyboard_interrupt_removes_partial(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(path, **kw)
 
-    monkeypatch.setattr(s2z, "read_image", flaky)
+    monkeypatch.setattr(pipeline, "read_image", flaky)  # the slice reader
+    monkeypatch.setattr(planning, "read_image", flaky)  # header fallback
     out = tmp_path / "o"
     with pytest.raises(KeyboardInterrupt):
         stack_files_to_ome_zarr(
@@ -551,7 +522,7 @@ def test_streaming_batches_give_identical_pyramids(tmp_path, batch):
 
 
 def test_ome_auto_levels_and_naming(tmp_path):
-    assert [s2z._num_levels(d, d, None, None) for d in (200, 257, 512, 513, 1024, 4096, 9000)] == [
+    assert [pyramid.num_levels(d, d, None, None) for d in (200, 257, 512, 513, 1024, 4096, 9000)] == [
         1,
         2,
         2,
@@ -630,17 +601,11 @@ def test_ome_chunks_apply_to_all_levels(tmp_path):
 def test_bug_dtype_does_not_leak_between_stacks(tmp_path):
     write_stack(tmp_path, "a", [rand((8, 8), np.uint16)] * 2)
     write_stack(tmp_path, "b", [rand((8, 8), np.uint8)] * 2)
-    for fn in (stack_files_to_zarr, stack_files_to_ome_zarr):
-        r = fn(
-            tmp_path,
-            ".tif",
-            PAT,
-            output_dir=tmp_path / fn.__name__,
-            **({} if fn is stack_files_to_zarr else {"verbose": False}),
-        )
+    for kind in ("zarr", "ome"):
+        r = convert(kind, tmp_path, output_dir=tmp_path / kind, pyramid_levels=None)
         assert r["a"]["dtype"] == np.uint16 and r["b"]["dtype"] == np.uint8
         path = Path(r["b"]["zarr_path"])
-        arr = zarr.open_array(path) if fn is stack_files_to_zarr else zarr.open_group(path)["0"]
+        arr = zarr.open_array(path) if kind == "zarr" else zarr.open_group(path)["0"]
         assert arr.dtype == np.uint8
 
 
@@ -774,14 +739,15 @@ def test_bug_ngff_version_matches_zarr_format(tmp_path):
 
 def test_bug_per_image_errors_are_raised_not_swallowed(tmp_path, monkeypatch):
     paths = write_stack(tmp_path, "a", [rand((8, 8), seed=i) for i in range(12)])
-    real = s2z.read_image
+    real = pipeline.read_image
 
     def failing(path, **kw):
         if Path(path) == paths[7]:
             raise OSError("disk on fire")
         return real(path, **kw)
 
-    monkeypatch.setattr(s2z, "read_image", failing)
+    monkeypatch.setattr(pipeline, "read_image", failing)  # the slice reader
+    monkeypatch.setattr(planning, "read_image", failing)  # header fallback
     for workers in (1, 4):
         with pytest.raises(QltyError, match=rf"{re.escape(str(paths[7]))}.*OSError: disk on fire"):
             stack_files_to_ome_zarr(
@@ -1096,36 +1062,24 @@ def test_private_helpers_compat():
 # ------------------------------------------------------------------------------------------
 
 
-def _peak_bytes(folder: Path, out: Path, fn, **kw) -> int:
+def _peak_bytes(folder: Path, out: Path, kind: str) -> int:
     tracemalloc.start()
     try:
-        fn(folder, ".tif", PAT, output_dir=out, num_workers=1, batch_size=4, **kw)
+        convert(kind, folder, output_dir=out, num_workers=1, batch_size=4, pyramid_levels=3)
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
 
 
-@pytest.mark.parametrize("which", ["zarr", "ome", "laplacian"])
+@pytest.mark.parametrize("which", list(CONVERTERS))
 def test_peak_memory_independent_of_depth(tmp_path, which):
-    fn, kw = {
-        "zarr": (stack_files_to_zarr, {}),
-        "ome": (stack_files_to_ome_zarr, {"pyramid_levels": 3, "verbose": False}),
-        "laplacian": (stack_files_to_ome_zarr_laplacian, {"pyramid_levels": 3, "verbose": False}),
-    }[which]
     peaks = {}
     for n in (8, 32):
         write_stack(tmp_path / f"s{n}", "a", [rand((128, 128), np.uint16, i % 4) for i in range(n)])
-    fn(
-        tmp_path / "s8",
-        ".tif",
-        PAT,
-        output_dir=tmp_path / "warm",
-        num_workers=1,
-        batch_size=4,
-        **kw,
-    )
+    convert(which, tmp_path / "s8", output_dir=tmp_path / "warm", num_workers=1, batch_size=4,
+            pyramid_levels=3)
     for n in (8, 32):
-        peaks[n] = _peak_bytes(tmp_path / f"s{n}", tmp_path / f"o{n}", fn, **kw)
+        peaks[n] = _peak_bytes(tmp_path / f"s{n}", tmp_path / f"o{n}", which)
     stack_bytes_32 = 32 * 128 * 128 * 2
     print(which, peaks)
     assert peaks[32] < 1.3 * peaks[8], peaks
@@ -1153,14 +1107,15 @@ def test_bug_quiet_runs_print_nothing(tmp_path, capfd):
 
 def test_bug_each_image_decoded_once(tmp_path, monkeypatch):
     write_stack(tmp_path, "a", [rand((8, 8), seed=i) for i in range(6)])
-    real = s2z.read_image
+    real = pipeline.read_image
     calls = []
 
     def counting(path, **kw):
         calls.append(Path(path).name)
         return real(path, **kw)
 
-    monkeypatch.setattr(s2z, "read_image", counting)
+    monkeypatch.setattr(pipeline, "read_image", counting)  # the slice reader
+    monkeypatch.setattr(planning, "read_image", counting)  # header fallback
     stack_files_to_ome_zarr(
         tmp_path, ".tif", PAT, output_dir=tmp_path / "o", pyramid_levels=3, verbose=False
     )

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from .._optional import optional
 from ..errors import QltyDependencyError, QltyError
 
 __all__ = [
@@ -72,32 +73,18 @@ class MissingImageLibraryError(ImageReadError, QltyDependencyError):
     """
 
 
-def _lazy(module: str) -> Any:
-    try:
-        if module == "PIL.Image":
-            from PIL import Image
-
-            return Image
-        import importlib
-
-        return importlib.import_module(module)
-    except ImportError:
-        return None
-
-
 def _resolve(tifffile: Any, pil_image: Any) -> tuple[Any, Any]:
     if tifffile is AUTO:
-        tifffile = _lazy("tifffile")
+        tifffile = optional("tifffile")
     if pil_image is AUTO:
-        pil_image = _lazy("PIL.Image")
+        pil_image = optional("PIL.Image")
     return tifffile, pil_image
 
 
 def _corrupt(path, exc: BaseException) -> ImageReadError:
     """The error for a file a reader library failed on, naming the file and the cause."""
     return ImageReadError(
-        f"Cannot load image {path}: the file is unreadable or corrupt "
-        f"({type(exc).__name__}: {exc})"
+        f"Cannot load image {path}: the file is unreadable or corrupt ({type(exc).__name__}: {exc})"
     )
 
 

@@ -1,4 +1,4 @@
-"""OME-NGFF 0.5 metadata for Zarr v3 stores, and atomic (all-or-nothing) store writing.
+"""OME-NGFF 0.5 metadata for Zarr v3 stores (atomic writing: :mod:`qlty_gpu.io.atomic`).
 
 NGFF 0.5 puts its metadata in the Zarr v3 group attributes under ``"ome"``::
 
@@ -16,13 +16,13 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+import math
+from collections.abc import Sequence
+
+import torch
 
 from ..errors import QltyError
+from .atomic import atomic_store, partial_name
 
 __all__ = [
     "NGFF_VERSION",
@@ -30,8 +30,10 @@ __all__ = [
     "axes_metadata",
     "multiscales_metadata",
     "ngff_conformant",
+    "check_voxel_size",
     "atomic_store",
     "partial_name",
+    "pyramid_writer",
 ]
 
 NGFF_VERSION = "0.5"
@@ -55,6 +57,34 @@ def ngff_conformant(axis_order: str) -> bool:
     """
     order = axis_order.upper()
     return "C" not in order or order.index("C") == 0
+
+
+def check_voxel_size(
+    voxel_size: Sequence[float] | None, nd: int | None = None
+) -> list[float] | None:
+    """Validate ``voxel_size``: finite positive numbers (``nd`` of them when given).
+
+    Infinity or NaN would be written as ``Infinity``/``NaN``, which is not JSON.
+
+    Example:
+        >>> check_voxel_size((2, 0.5, 0.5))
+        [2.0, 0.5, 0.5]
+    """
+    if voxel_size is None:
+        return None
+    try:
+        voxel = [float(v) for v in voxel_size]
+    except (TypeError, ValueError) as exc:
+        raise QltyError(
+            f"voxel_size must be a sequence of positive numbers, got {voxel_size!r}"
+        ) from exc
+    if any(not (math.isfinite(v) and v > 0) for v in voxel):
+        raise QltyError(f"voxel_size must hold finite positive sizes, got {tuple(voxel_size)!r}")
+    if nd is not None and len(voxel) != nd:
+        raise QltyError(
+            f"voxel_size must give {nd} sizes, one per stored axis, got {tuple(voxel_size)}"
+        )
+    return voxel
 
 
 def axes_metadata(axis_order: str, unit: str | None = None) -> list[dict]:
@@ -116,14 +146,7 @@ def multiscales_metadata(
     """
     order = axis_order.upper()
     nd = len(order)
-    if voxel_size is None:
-        voxel = [1.0] * nd
-    else:
-        voxel = [float(v) for v in voxel_size]
-        if len(voxel) != nd or any(not v > 0 for v in voxel):
-            raise QltyError(
-                f"voxel_size must give {nd} positive sizes for axes {order}, got {tuple(voxel_size)}"
-            )
+    voxel = check_voxel_size(voxel_size, nd) or [1.0] * nd
     datasets = []
     for level, factors in enumerate(cumulative_factors):
         scale = [1.0 if ax == "C" else voxel[i] * float(factors[i]) for i, ax in enumerate(order)]
@@ -153,68 +176,37 @@ def multiscales_metadata(
     }
 
 
-def partial_name(path: str | os.PathLike) -> Path:
-    """The temporary sibling a store is written under before it is renamed into place.
-
-    Example:
-        >>> partial_name("/data/a.ome.zarr").name.startswith("a.ome.zarr.partial-")
-        True
-    """
-    path = Path(path)
-    return path.with_name(f"{path.name}.partial-{os.getpid()}")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
-@contextlib.contextmanager
-def atomic_store(path: str | os.PathLike) -> Iterator[Path]:
-    """Write a store under a temporary sibling name and rename it to ``path`` on success.
-
-    On any exception (including ``KeyboardInterrupt``) the partial store is removed and
-    ``path`` is left as it was; a process killed outright leaves only a
-    ``*.partial-<pid>`` folder, never something named like a finished store. An existing
-    ``path`` is replaced only once the new store is complete.
+def pyramid_writer(plan, shapes, chunks, zyx, method: str):
+    """``(create, compute)`` for :func:`~qlty_gpu.io.pipeline.run_stack`: a multiscale group.
 
     Args:
-        path: Final location of the store.
-
-    Yields:
-        The temporary path to write to.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> target = pathlib.Path(tempfile.mkdtemp()) / "s.zarr"
-        >>> with atomic_store(target) as tmp:
-        ...     _ = tmp.mkdir()
-        >>> target.is_dir()
-        True
+        plan: The :class:`~qlty_gpu.io.pipeline.StackPlan`.
+        shapes: Stored shape per level.
+        chunks: Chunks per level.
+        zyx: Cumulative (z, y, x) factor per level.
+        method: ``"mean"`` or ``"scipy_zoom"`` (see :func:`~qlty_gpu.io.pyramid.resample`).
     """
-    path = Path(path)
-    tmp = partial_name(path)
-    _remove(tmp)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    old = None
-    if path.exists() or path.is_symlink():
-        old = path.with_name(f"{path.name}.old-{os.getpid()}")
-        _remove(old)
-        os.replace(path, old)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        if old is not None:
-            os.replace(old, path)
-        _remove(tmp)
-        raise
-    if old is not None:
-        _remove(old)
+    import zarr
+
+    from .pipeline import array_kwargs
+    from .pyramid import cast, compute_dtype, downsample_levels
+
+    def create(store):
+        root = zarr.open_group(store, mode="w", zarr_format=3)
+        arrays = [
+            root.create_array(str(lvl), shape=s, chunks=c, **array_kwargs(plan))
+            for lvl, (s, c) in enumerate(zip(shapes, chunks))
+        ]
+        return root, arrays
+
+    def compute(arrays, z0, z1, data):
+        jobs = [(arrays[0], plan.region(z0, z1), plan.to_stored(data))]
+        if len(arrays) > 1:
+            t = torch.from_numpy(data).to(compute_dtype(plan.dtype))
+            for lvl, level in enumerate(downsample_levels(t, zyx, method), 1):
+                fz = zyx[lvl][0]
+                region = plan.region(z0 // fz, math.ceil(z1 / fz))
+                jobs.append((arrays[lvl], region, plan.to_stored(cast(level.numpy(), plan.dtype))))
+        return jobs
+
+    return create, compute

@@ -16,14 +16,110 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import QltyError, QltyTypeError
 
-__all__ = ["Stack", "find_stacks", "normalize_extension", "compile_pattern"]
+__all__ = [
+    "Stack",
+    "StackGapWarning",
+    "Gaps",
+    "find_stacks",
+    "normalize_extension",
+    "compile_pattern",
+    "has_extension",
+]
+
+#: Gap reports list every missing counter up to this many, else summarise the ranges.
+LIST_LIMIT = 50
+
+
+class StackGapWarning(UserWarning):
+    """A stack's counters have gaps (``missing counters``)."""
+
+
+class Gaps(Sequence):
+    """The counters missing between a stack's first and last counter, stored as ranges.
+
+    Memory and printing cost grow with the number of files, not with the counter span (two
+    files whose counters are timestamps 1e8 apart make one range). Behaves as the sorted
+    list of missing counters (``len``, indexing, ``in``, iteration, ``== [2, 4]``); its
+    ``repr`` is that list when it has at most ``LIST_LIMIT`` entries, else a summary.
+
+    Example:
+        >>> g = Gaps([(2, 2), (4, 9)])
+        >>> len(g), g[1], 7 in g, g == [2, 4, 5, 6, 7, 8, 9]
+        (7, 4, True, True)
+        >>> Gaps([(1, 4), (6, 99_999_999)])
+        1..4, 6..99999999 (99999998 missing counters in 2 gaps)
+    """
+
+    def __init__(self, ranges: Sequence[tuple[int, int]] = ()):
+        self.ranges: list[tuple[int, int]] = [(int(a), int(b)) for a, b in ranges]
+        self._offsets: list[int] = []
+        total = 0
+        for a, b in self.ranges:
+            self._offsets.append(total)
+            total += b - a + 1
+        self._len = total
+
+    @classmethod
+    def between(cls, counters: Sequence[int]) -> Gaps:
+        """The gaps of ``counters`` (any order, duplicates allowed), in O(n log n)."""
+        uniq = sorted(set(counters))
+        return cls([(a + 1, b - 1) for a, b in zip(uniq, uniq[1:]) if b > a + 1])
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self._len))]
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError("Gaps index out of range")
+        r = bisect.bisect_right(self._offsets, i) - 1
+        return self.ranges[r][0] + i - self._offsets[r]
+
+    def __iter__(self) -> Iterator[int]:
+        for a, b in self.ranges:
+            yield from range(a, b + 1)
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, int):
+            return False
+        r = bisect.bisect_right([a for a, _ in self.ranges], value) - 1
+        return r >= 0 and self.ranges[r][0] <= value <= self.ranges[r][1]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Gaps):
+            return self.ranges == other.ranges
+        if isinstance(other, (list, tuple)):
+            return len(other) == self._len and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def summary(self) -> str:
+        """``"1..4, 6..99999999 (99999998 missing counters in 2 gaps)"``."""
+        parts = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in self.ranges)
+        n = len(self.ranges)
+        return f"{parts} ({self._len} missing counters in {n} gap{'s' if n != 1 else ''})"
+
+    def __repr__(self) -> str:
+        if self._len <= LIST_LIMIT:
+            return repr(list(self))
+        return self.summary()
+
+    def to_json(self) -> list[int] | None:
+        """The full list when it has at most 10000 entries (for metadata), else ``None``."""
+        return list(self) if self._len <= 10_000 else None
 
 
 @dataclass
@@ -46,10 +142,9 @@ class Stack:
         return (min(self.counters), max(self.counters))
 
     @property
-    def missing(self) -> list[int]:
-        """Counters between min and max that have no file (gaps), sorted."""
-        lo, hi = self.counter_range
-        return sorted(set(range(lo, hi + 1)) - set(self.counters))
+    def missing(self) -> Gaps:
+        """Counters between min and max that have no file (gaps), sorted, as :class:`Gaps`."""
+        return Gaps.between(self.counters)
 
     @property
     def duplicates(self) -> list[int]:
@@ -75,6 +170,17 @@ def normalize_extension(extension: str) -> str:
     if not extension.startswith("."):
         extension = "." + extension
     return extension.lower()
+
+
+def has_extension(name: str, extension: str) -> bool:
+    """Whether file ``name`` ends with ``extension`` (normalised; ``".ome.tif"`` works).
+
+    Example:
+        >>> has_extension("a_1.OME.TIF", ".ome.tif"), has_extension("a_1.tif", ".ome.tif")
+        (True, False)
+    """
+    low = name.lower()
+    return low.endswith(extension) and len(low) > len(extension)
 
 
 def compile_pattern(pattern: str | re.Pattern) -> re.Pattern:
@@ -117,7 +223,8 @@ def find_stacks(
 ) -> list[Stack]:
     """Scan the top level of ``directory`` for matching files and group them into stacks.
 
-    Matching follows qlty: regular files only, ``Path.suffix.lower() == extension``,
+    Matching follows qlty: regular files only, whose name ends with ``extension`` (any
+    case; multi-dot extensions such as ``".ome.tif"`` work, qlty compared the last suffix),
     ``pattern.match(name)`` (anchored at the start), group 1 = basename, group 2 = counter
     (files whose counter is not an integer are skipped).
 
@@ -145,7 +252,7 @@ def find_stacks(
     regex = compile_pattern(pattern)
     stacks: dict[str, Stack] = {}
     for path in sorted(directory.iterdir()):
-        if path.suffix.lower() != extension or not path.is_file():
+        if not has_extension(path.name, extension) or not path.is_file():
             continue
         match = regex.match(path.name)
         if not match:
@@ -172,7 +279,7 @@ def describe_no_match(directory: str | os.PathLike, extension: str, pattern: re.
     """A message explaining why no file matched (used when a search finds no stack)."""
     directory = Path(directory)
     with_ext = sorted(
-        p.name for p in directory.iterdir() if p.suffix.lower() == extension and p.is_file()
+        p.name for p in directory.iterdir() if has_extension(p.name, extension) and p.is_file()
     )
     if not with_ext:
         return (
