@@ -72,6 +72,26 @@ def test_range_clipped_both_sides_and_deterministic():
         g.train_reducer(torch.randn(1, 30, 30))
 
 
+def test_user_reducer_keeps_its_settings():
+    class Reducer:  # a UMAP-like reducer without set_params
+        n_neighbors = 30
+        metric = "cosine"
+
+        def fit_transform(self, x):
+            self.fitted = x.shape
+            return np.asarray(x)[:, :3]
+
+        def transform(self, x):
+            return np.asarray(x)[:, :3]
+
+    red = Reducer()
+    g = fc.FalseColorGenerator((1, 1, 16, 16), 8, 4, reducer=red)
+    g.train_reducer(torch.randn(1, 1, 16, 16))
+    assert g.reducer is red and red.metric == "cosine"
+    assert red.n_neighbors == 8 and red.fitted == (9, 64)  # 9 patches: lowered to n - 1
+    assert g(torch.randn(1, 1, 16, 16)).shape == (16, 16, 3)
+
+
 def test_png_written_and_readable(tmp_path):
     from PIL import Image
 

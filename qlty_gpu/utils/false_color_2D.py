@@ -243,7 +243,10 @@ class FalseColorGenerator:
         if self._own_reducer:
             self.reducer = self._new_reducer(k)
         elif getattr(self.reducer, "n_neighbors", k) > n - 1:
-            self.reducer.set_params(n_neighbors=k)
+            if hasattr(self.reducer, "set_params"):
+                self.reducer.set_params(n_neighbors=k)
+            else:
+                self.reducer.n_neighbors = k
         raw = selected_patches.reshape(n, -1).to(self.device, torch.float32)
         self._fit_pca(raw)
         flat = self._flat(selected_patches)
