@@ -27,7 +27,7 @@ from typing import Union
 import torch
 
 from ..errors import QltyError, describe
-from ..geometry import QuiltPlan
+from ..geometry import QuiltPlan, plan_for
 from ..ops import unstitch
 
 try:  # compatibility flag only (qlty's tests reload this module with numba hidden)
@@ -63,7 +63,8 @@ def _check_token_args(patch_size, stride, h: int, w: int) -> int:
 
 
 def _plan(h: int, w: int, patch_size: int, stride: int) -> QuiltPlan:
-    return QuiltPlan((h, w), window=(patch_size, patch_size), step=(stride, stride))
+    """The token grid (cached, so its origins table is built once per geometry and device)."""
+    return plan_for((h, w), (patch_size, patch_size), (stride, stride))
 
 
 def tokenize_patch(
@@ -249,7 +250,7 @@ def build_sequence_pair(
     d = c * patch_size * patch_size
     tok1 = unstitch(p1, plan.window, plan.step).reshape(n, t, d)
     tok2 = unstitch(p2, plan.window, plan.step).reshape(n, t, d)
-    coords = plan.origins(dev)
+    coords = plan.origins(dev).clone()  # the plan caches its table: hand out a copy
     mask1, idx12, mask2, idx21, frac = _match_tokens(coords, plan, dxt, dyt, kt, patch_size, h, w)
     pairs, counts = _pairs_padded(mask1, idx12)
     if not batched:
