@@ -60,14 +60,8 @@ UPSTREAM_FILES = [
 
 # file -> the issue that builds what it tests. Remove a line when that lands.
 PENDING = {
-    "test_backends_2_5D.py": "2.5D backends (issue 13)",
-    "test_backends_2_5D_coverage.py": "2.5D backends (issue 13)",
-    "test_qlty2_5D.py": "2.5D quilt (issue 13)",
-    "test_qlty2_5D_backend_integration.py": "2.5D quilt (issue 13)",
-    "test_qlty2_5D_convenience.py": "2.5D quilt (issue 13)",
-    "test_qlty2_5D_coverage.py": "2.5D quilt (issue 13)",
-    "test_qlty2_5D_overlapping.py": "2.5D quilt (issue 13)",
-    "test_qlty2_5D_plans.py": "2.5D quilt (issue 13)",
+    "test_qlty2_5D_convenience.py": "2.5D patch-pair helpers call patch pairs (issue 14)",
+    "test_qlty2_5D_overlapping.py": "2.5D patch-pair helpers call patch pairs (issue 14)",
     "test_false_color_2D.py": "false colour (issue 14)",
     "test_patch_pairs.py": "patch pairs (issue 14)",
     "test_patch_pairs_3d.py": "patch pairs (issue 14)",
