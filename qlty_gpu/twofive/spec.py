@@ -111,6 +111,8 @@ def parse_channel_spec(spec) -> list[ChannelOperation]:
             op_type = names[key.lower()]
         elif isinstance(key, ZOperation):
             op_type = key
+        elif isinstance(key, Enum) and type(key).__name__ == "ZOperation" and key.name in ZOperation.__members__:
+            op_type = ZOperation[key.name]  # qlty's own enum: same members
         else:
             raise QltyError(f"Invalid key type: {type(key)}. Must be str or ZOperation enum")
         label = op_type.name

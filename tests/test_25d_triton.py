@@ -1,0 +1,159 @@
+"""The Triton z-aggregation kernel against the torch reference, under TRITON_INTERPRET=1.
+
+Outputs are poisoned with NaN (or a sentinel for integers) so a missed store shows; shapes
+do not divide the tiles; sources and outputs are strided views (3-d mode writes through a
+permuted view).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlty_gpu.ops.zagg import zagg, zagg_backend
+from qlty_gpu.ops.zagg_reference import zagg_reference
+from qlty_gpu.twofive.spec import build_table, parse_channel_spec, slots
+
+pytest.importorskip("triton")
+
+SPEC = {"identity": [-1, 0, 2], "mean": [[-2, -1], [1, 2, 4]], "std": [[-1, 0, 1]]}
+
+
+def _poison(shape, dtype):
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype)
+    return torch.full(shape, 77, dtype=dtype)
+
+
+def _case(N, C, Z, Y, X, spec, mode, centres, dtype, out_dtype=None, layout="2d"):
+    g = torch.Generator().manual_seed(N * 100 + Z)
+    x = (torch.randn(N, C, Z + 2, Y + 1, X + 3, generator=g) * 4)
+    x = x.to(dtype) if dtype.is_floating_point else x.round().to(dtype)
+    x = x[:, :, 1:Z + 1, 1:, 2:X + 2]  # strided view (N, C, Z, Y, X)
+    ops = parse_channel_spec(spec)
+    t = build_table(slots(ops, C), centres, Z, mode)
+    Cp = C * sum(o.output_channels for o in ops)
+    J = len(centres)
+    od = out_dtype or dtype
+    outs = []
+    for be in ("torch", "triton"):
+        if layout == "2d":
+            out = _poison((N, J, Cp, Y, X), od)
+            view = out
+        else:
+            out = _poison((N, Cp, J, Y, X), od)
+            view = out.permute(0, 2, 1, 3, 4)
+        zagg(view, x, t.idx, t.kind, t.chan_base, t.chan_cstride, torch.arange(J), backend=be)
+        outs.append(out)
+    return outs
+
+
+@pytest.mark.parametrize("mode", ["clamp", "zero", "reflect"])
+@pytest.mark.parametrize("layout", ["2d", "3d"])
+def test_triton_equals_torch_fp32(mode, layout):
+    ref, tri = _case(2, 2, 7, 5, 9, SPEC, mode, [0, 6, 3, 3], torch.float32, layout=layout)
+    assert not torch.isnan(tri).any()
+    torch.testing.assert_close(tri, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_triton_skip_and_jpos():
+    spec = {"identity": [0], "mean": [[-3, 0, 3]], "std": [[0, 1, 5]]}
+    N, C, Z, Y, X = 1, 1, 6, 3, 4
+    x = torch.randn(N, C, Z, Y, X)
+    t = build_table(slots(parse_channel_spec(spec), C), [0, 5, 2], Z, "skip")
+    jpos = torch.tensor([3, 0, 1])  # rows land out of order, row 2 stays untouched
+    res = []
+    for be in ("torch", "triton"):
+        out = torch.full((N, 4, 3, Y, X), float("nan"))
+        zagg(out, x, t.idx, t.kind, t.chan_base, t.chan_cstride, jpos, backend=be)
+        res.append(out)
+    assert torch.isnan(res[1][:, 2]).all()
+    torch.testing.assert_close(res[1], res[0], rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype, out_dtype, tol", [
+    (torch.float16, None, 1e-3),
+    (torch.bfloat16, None, 1e-2),
+    (torch.float64, None, 1e-12),
+    (torch.int16, torch.float32, 1e-6),
+    (torch.uint8, torch.float32, 1e-6),
+    (torch.bfloat16, torch.float32, 1e-6),
+])
+def test_triton_dtypes(dtype, out_dtype, tol):
+    ref, tri = _case(1, 2, 5, 3, 5, SPEC, "reflect", [0, 4], dtype, out_dtype)
+    assert tri.dtype == (out_dtype or dtype)
+    torch.testing.assert_close(tri.double(), ref.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bfloat16, torch.float16, torch.bool])
+def test_triton_identity_is_an_exact_copy(dtype):
+    spec = {"identity": [-2, 0, 1]}
+    ref, tri = _case(2, 1, 4, 3, 6, spec, "zero", [0, 3], dtype if dtype != torch.bool else torch.uint8)
+    assert torch.equal(tri, ref)
+    if dtype == torch.bool:
+        x = torch.rand(1, 1, 4, 3, 3) > 0.5
+        t = build_table(slots(parse_channel_spec(spec), 1), [0, 3], 4, "zero")
+        outs = []
+        for be in ("torch", "triton"):
+            out = torch.zeros((1, 2, 3, 3, 3), dtype=torch.bool)
+            zagg(out, x, t.idx, t.kind, t.chan_base, t.chan_cstride, torch.arange(2), backend=be)
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1])
+
+
+def test_reference_is_the_default_on_cpu_and_backend_errors(monkeypatch):
+    assert zagg_backend(torch.device("cpu")) == "torch"
+    monkeypatch.setenv("QLTY_GPU_BACKEND", "triton")
+    assert zagg_backend(torch.device("cpu")) == "triton"  # interpreter is on in tests
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="Triton needs a CUDA tensor"):
+        zagg_backend(torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        zagg_backend(torch.device("cpu"), "cuda")
+
+
+def test_zagg_validates_its_inputs():
+    x = torch.zeros(1, 1, 3, 2, 2)
+    t = build_table(slots(parse_channel_spec({"identity": [0]}), 1), [0], 3, "clamp")
+    out = torch.zeros(1, 1, 1, 2, 2)
+    with pytest.raises(ValueError, match="idx values must lie in"):
+        zagg(out, x, t.idx + 5, t.kind, t.chan_base, t.chan_cstride, torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="does not match slab"):
+        zagg(torch.zeros(1, 1, 1, 3, 2), x, t.idx, t.kind, t.chan_base, t.chan_cstride,
+             torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="jpos exceeds"):
+        zagg(out, x, t.idx, t.kind, t.chan_base, t.chan_cstride, torch.ones(1, dtype=torch.long))
+    with pytest.raises(TypeError, match="x must be a 5-D tensor"):
+        zagg(out, x[0], t.idx, t.kind, t.chan_base, t.chan_cstride, torch.zeros(1, dtype=torch.long))
+
+
+def test_quilt_end_to_end_with_forced_triton(monkeypatch):
+    from qlty_gpu import NCZYX25DQuilt
+
+    v = torch.randn(1, 2, 5, 4, 3)
+    want = NCZYX25DQuilt(v, SPEC, "reflect", "3d").convert()
+    monkeypatch.setenv("QLTY_GPU_BACKEND", "triton")
+    got = NCZYX25DQuilt(v, SPEC, "reflect", "3d").convert(slab_bytes=1)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    from qlty_gpu import NCZYX25DQuilt
+
+    v = torch.randn(2, 2, 9, 37, 41)
+    want = NCZYX25DQuilt(v, SPEC, "reflect").convert()
+    got = NCZYX25DQuilt(v.cuda(), SPEC, "reflect").convert()
+    assert got.is_cuda
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+    got2 = NCZYX25DQuilt(v, SPEC, "reflect").convert(device="cuda", slab_bytes=1 << 16)
+    torch.testing.assert_close(got2.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_alone_on_strided_out():
+    x = torch.randn(1, 1, 4, 2, 3)
+    t = build_table(slots(parse_channel_spec({"mean": [[0, 1]]}), 1), [0, 3], 4, "clamp")
+    out = torch.full((1, 1, 2, 2, 3), float("nan")).permute(0, 2, 1, 3, 4)
+    zagg_reference(out, x, t.idx, t.kind, t.chan_base, t.chan_cstride, torch.arange(2))
+    torch.testing.assert_close(out[0, 0, 0], (x[0, 0, 0] + x[0, 0, 1]) / 2)
+    torch.testing.assert_close(out[0, 1, 0], x[0, 0, 3])
