@@ -424,3 +424,12 @@ def test_parse_channel_spec_names_and_types():
     assert [(o.name, o.offsets) for o in ops] == [("Mean", ((1, 2),)), (None, (0,))]
     with pytest.raises(ValueError, match="Unknown boundary_mode"):
         apply_boundary_mode(-1, 0, 3, "wrap")
+
+
+@pytest.mark.parametrize("backend", ["torch", None])
+def test_uint16_identity_is_exact_on_every_cpu_backend(backend):
+    v = ((torch.arange(60) % 9) * 7000).reshape(1, 1, 5, 3, 4).to(torch.uint16)
+    got = NCZYX25DQuilt(v, {"identity": [-1, 0, 9]}, "zero").convert(backend=backend)
+    assert got.dtype == torch.uint16
+    want = oracle(v.to(torch.int64), {"identity": [-1, 0, 9]}, "zero", list(range(5)))
+    assert torch.equal(got.to(torch.int64), want.to(torch.int64))

@@ -157,3 +157,62 @@ def test_reference_alone_on_strided_out():
     zagg_reference(out, x, t.idx, t.kind, t.chan_base, t.chan_cstride, torch.arange(2))
     torch.testing.assert_close(out[0, 0, 0], (x[0, 0, 0] + x[0, 0, 1]) / 2)
     torch.testing.assert_close(out[0, 1, 0], x[0, 0, 3])
+
+
+# ------------------------------------------------------------------ numba CPU kernel
+@pytest.mark.parametrize("dtype, out_dtype", [
+    (torch.float32, None), (torch.float64, None), (torch.int16, torch.float32),
+    (torch.uint16, torch.float32), (torch.float32, torch.float64),
+])
+@pytest.mark.parametrize("mode", ["zero", "reflect", "skip"])
+def test_numba_equals_torch(dtype, out_dtype, mode):
+    pytest.importorskip("numba")
+    spec = SPEC if mode != "skip" else {"identity": [0], "mean": [[-3, 0, 3]], "std": [[0, 1, 5]]}
+    N, C, Z, Y, X = 2, 2, 6, 3, 5
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(N, C, Z + 1, Y, X + 2, generator=g) * 5)
+    x = (x if dtype.is_floating_point else x.abs().round()).to(dtype)[:, :, 1:, :, 1:X + 1]
+    t = build_table(slots(parse_channel_spec(spec), C), [0, 5, 2, 2], Z, mode)
+    Cp = C * int(t.kind.numel())
+    res = []
+    for be in ("torch", "numba"):
+        out = _poison((N, Cp, 4, Y, X), out_dtype or dtype).permute(0, 2, 1, 3, 4)
+        zagg(out, x, t.idx, t.kind, t.chan_base, t.chan_cstride, torch.arange(4), backend=be)
+        res.append(out)
+    tol = 1e-12 if (out_dtype or dtype) == torch.float64 else 1e-6
+    torch.testing.assert_close(res[1], res[0], rtol=tol, atol=tol)
+
+
+def test_numba_is_chosen_on_cpu_and_refuses_what_it_cannot_do():
+    pytest.importorskip("numba")
+    x = torch.zeros(1, 1, 2, 2, 2)
+    assert zagg_backend(x.device, None, x, x) == "numba"
+    h = x.half()
+    assert zagg_backend(h.device, None, h, h) == "torch"
+    with pytest.raises(RuntimeError, match="numba zagg supports"):
+        zagg_backend(h.device, "numba", h, h)
+
+
+def _child(q):
+    from qlty_gpu import NCZYX25DQuilt
+
+    v = torch.arange(2 * 5 * 3 * 3, dtype=torch.float32).reshape(1, 2, 5, 3, 3)
+    q.put(NCZYX25DQuilt(v, SPEC, "reflect").convert().sum().item())
+
+
+def test_numba_in_a_forked_child():
+    """The parent used the parallel kernel; a forked child (DataLoader worker) still works."""
+    import multiprocessing as mp
+
+    pytest.importorskip("numba")
+    from qlty_gpu import NCZYX25DQuilt
+
+    v = torch.arange(2 * 5 * 3 * 3, dtype=torch.float32).reshape(1, 2, 5, 3, 3)
+    want = NCZYX25DQuilt(v, SPEC, "reflect").convert().sum().item()
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q,))
+    p.start()
+    got = q.get(timeout=120)
+    p.join(timeout=60)
+    assert p.exitcode == 0 and got == pytest.approx(want, rel=1e-6)

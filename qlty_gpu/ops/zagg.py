@@ -3,7 +3,8 @@
 ``zagg(out, x, table, jpos)`` builds every 2.5D channel of a slab in one pass: identity
 gathers, MEAN and population STD over z-neighbour groups (see
 :mod:`qlty_gpu.ops.zagg_reference` for the definition). CUDA tensors run the Triton kernel
-(``kernels/zagg_triton.py``); CPU tensors run the vectorised torch version.
+(``kernels/zagg_triton.py``); CPU tensors run the numba kernel (``kernels/zagg_numba.py``)
+where it supports the dtypes, else the vectorised torch version.
 ``QLTY_GPU_BACKEND=triton`` with ``TRITON_INTERPRET=1`` runs the Triton kernel on CPU
 tensors (how the tests cover it); ``torch`` forces the reference anywhere.
 """
@@ -21,7 +22,7 @@ from .zagg_reference import zagg_reference
 
 __all__ = ["zagg", "zagg_backend", "ZAGG_BACKENDS"]
 
-ZAGG_BACKENDS = ("triton", "torch")
+ZAGG_BACKENDS = ("triton", "numba", "torch")
 
 
 def _why_not_triton(device: torch.device) -> Optional[str]:
@@ -35,20 +36,35 @@ def _why_not_triton(device: torch.device) -> Optional[str]:
     return None
 
 
-def zagg_backend(device: torch.device, requested: Optional[str] = None) -> str:
-    """'triton' for CUDA tensors, 'torch' otherwise; ``requested`` or ``QLTY_GPU_BACKEND``
-    forces one (numba is not used for this op: 'numba' means 'torch' here)."""
+def zagg_backend(
+    device: torch.device,
+    requested: Optional[str] = None,
+    x: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> str:
+    """'triton' for CUDA tensors; on CPU 'numba' when it handles ``x``/``out``, else 'torch'.
+
+    ``requested`` (or ``QLTY_GPU_BACKEND``) forces one; a forced backend that cannot run
+    raises :class:`QltyBackendError` with the reason.
+    """
+    from .zagg_numba import why_not_numba
+
     name = requested or os.environ.get("QLTY_GPU_BACKEND", "").strip().lower() or "auto"
-    if name == "numba":
-        name = "torch"
     if name == "auto":
-        return "triton" if device.type == "cuda" and _why_not_triton(device) is None else "torch"
+        if device.type == "cuda" and _why_not_triton(device) is None:
+            return "triton"
+        if device.type == "cpu" and x is not None and why_not_numba(x, out) is None:
+            return "numba"
+        return "torch"
     if name not in ZAGG_BACKENDS:
         raise QltyError(f"unknown backend {name!r}; expected one of {ZAGG_BACKENDS} or 'auto'")
+    reason = None
     if name == "triton":
         reason = _why_not_triton(device)
-        if reason is not None:
-            raise QltyBackendError(f"backend 'triton' cannot run zagg here: {reason}")
+    elif name == "numba" and x is not None:
+        reason = why_not_numba(x, out)
+    if reason is not None:
+        raise QltyBackendError(f"backend {name!r} cannot run zagg here: {reason}")
     return name
 
 
@@ -71,7 +87,7 @@ def zagg(
         kind: int64 ``(K,)`` 0 identity, 1 mean, 2 std.
         chan_base, chan_cstride: int64 ``(K,)``: output channel ``base + c * cstride``.
         jpos: int64 ``(J,)`` output row of each table row.
-        backend: 'triton', 'torch' or None (automatic).
+        backend: 'triton', 'numba', 'torch' or None (automatic).
 
     Returns:
         ``out``.
@@ -97,8 +113,13 @@ def zagg(
         raise QltyError(f"jpos exceeds out's {out.shape[1]} rows")
     if (x.dtype.is_complex or out.dtype.is_complex):
         raise QltyTypeError(f"complex tensors are not supported (x {x.dtype}, out {out.dtype})")
-    if zagg_backend(x.device, backend) == "triton":
+    chosen = zagg_backend(x.device, backend, x, out)
+    if chosen == "triton":
         from .zagg_triton import zagg_triton
 
         return zagg_triton(out, x, idx, kind, chan_base, chan_cstride, jpos)
+    if chosen == "numba":
+        from .zagg_numba import zagg_numba
+
+        return zagg_numba(out, x, idx, kind, chan_base, chan_cstride, jpos)
     return zagg_reference(out, x, idx, kind, chan_base, chan_cstride, jpos)

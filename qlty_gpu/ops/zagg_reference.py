@@ -21,6 +21,9 @@ import torch
 __all__ = ["zagg_reference", "compute_dtype"]
 
 
+_SAME_BITS = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+
+
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """float64 when any tensor is float64, else float32."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
@@ -32,6 +35,8 @@ def _gather(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     g = x.index_select(2, z.clamp(min=0).reshape(-1))  # (N, C, J*K', Y, X)
     g = g.reshape(x.shape[0], x.shape[1], J, Kp, *x.shape[3:]).transpose(1, 2)
     neg = (z < 0).reshape(1, J, 1, Kp, 1, 1)
+    if g.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        g = g.to(torch.int64)  # torch has no masked_fill for these; the caller casts back
     return g.masked_fill(neg, 0) if bool(neg.any()) else g
 
 
@@ -47,6 +52,8 @@ def zagg_reference(out, x, idx, kind, chan_base, chan_cstride, jpos) -> torch.Te
         dev
     )[None, :]  # (C, K)
     jj = jpos.to(dev).reshape(-1, 1, 1)
+    bits = _SAME_BITS.get(out.dtype)  # torch has no index_put for unsigned 16/32/64
+    target = out.view(bits) if bits is not None else out
     acc = compute_dtype(x.dtype, out.dtype)
     for k_kind in (0, 1, 2):
         ks = (kind == k_kind).nonzero().flatten()
@@ -78,5 +85,5 @@ def zagg_reference(out, x, idx, kind, chan_base, chan_cstride, jpos) -> torch.Te
                     ss += torch.where(w, (v - mean) ** 2, 0)
                 val = (ss / cnt).sqrt()
             val = val.to(out.dtype)
-        out[:, jj, cc] = val  # (N, J, C, K', Y, X)
+        target[:, jj, cc] = val.view(bits) if bits is not None else val  # (N, J, C, K', Y, X)
     return out
