@@ -35,6 +35,8 @@ from .plans import ExtractionPlan, PatchExtraction, StitchingPlan, grid_2d, safe
 from .spec import (
     BOUNDARY_MODES,
     KIND_IDENTITY,
+    PAD,
+    ZERO,
     ChannelOperation,
     ZOperation,
     build_table,
@@ -187,12 +189,37 @@ class NCZYX25DQuilt:
 
     # ------------------------------------------------------------------ convert
     def _batch_size(self, slab_bytes: int, out_item: int) -> int:
+        """Centres per batch so that the slab ring (halo + new slices), the slices read in
+        one batch and the output block (plus one copy for a sink) fit in ``slab_bytes``."""
         in_item = torch.empty(0, dtype=self.data_source.dtype).element_size()
         plane = self.N * self.Y * self.X
-        span = max(o for s in self._slots for o in s[1]) - min(o for s in self._slots for o in s[1])
-        halo = (span + 1) * plane * self.C * in_item
-        per = plane * (self.output_channels * out_item * 2 + self.C * in_item)
+        offs = [o for s in self._slots for o in s[1]]
+        halo = (max(offs) - min(offs) + 1) * plane * self.C * in_item
+        per = plane * (self.output_channels * out_item * 2 + 2 * self.C * in_item)
         return max(1, int((slab_bytes - halo) // per))
+
+    def _schedule(self, slab_bytes: Optional[int]):
+        """(batches of output positions, their tables, needed slices, last batch using
+        each slice, ring size)."""
+        budget = DEFAULT_SLAB_BYTES if slab_bytes is None else int(slab_bytes)
+        if budget <= 0:
+            raise QltyError(f"slab_bytes must be a positive number of bytes, got {slab_bytes!r}")
+        B = self._batch_size(budget, torch.empty(0, dtype=self.output_dtype).element_size())
+        order = sorted(range(len(self.z_indices)), key=lambda j: self.z_indices[j])
+        batches = [order[i:i + B] for i in range(0, len(order), B)]
+        tables = [self._table([self.z_indices[j] for j in b]) for b in batches]  # errors first
+        needs = [sorted({z for j in b for z in self._resolved(self.z_indices[j])})
+                 for b in batches]
+        last_use: dict[int, int] = {}
+        for bi, need in enumerate(needs):
+            for z in need:
+                last_use[z] = bi
+        live, ring = set(), 1
+        for bi, need in enumerate(needs):  # slices held while batch bi runs
+            live |= set(need)
+            ring = max(ring, len(live))
+            live = {z for z in live if last_use[z] > bi}
+        return batches, tables, needs, last_use, ring
 
     def iter_convert(
         self,
@@ -200,61 +227,53 @@ class NCZYX25DQuilt:
         device: Union[str, torch.device, None] = None,
         backend: Optional[str] = None,
         progress: bool = False,
+        reuse_block: bool = False,
     ) -> Iterator[tuple[list[int], torch.Tensor]]:
         """Stream the conversion: yields ``(positions, block)`` per batch of centre slices.
 
         ``block`` is ``(N, len(positions), C', Y, X)``; ``positions`` index
-        ``z_indices``. Centres are visited in increasing z so each source z-slice is read
-        from storage exactly once; memory stays near ``slab_bytes`` (default 256 MiB; at
-        least one centre's slab and output).
+        ``z_indices``. Centres are visited in increasing z and source slices live in a ring
+        buffer until their last use, so each z-slice is read from storage exactly once and
+        memory stays within ``slab_bytes`` (default 256 MiB) whatever the volume's size
+        (at least one centre slice of all N images is processed at a time).
 
         Args:
-            slab_bytes: memory budget of one batch (input slices held plus output block).
+            slab_bytes: memory budget: slice ring, slices read per batch and output block.
             device: where to compute (default: the source's device).
-            backend: zagg backend ('triton', 'torch' or None for automatic).
+            backend: zagg backend ('triton', 'numba', 'torch' or None for automatic).
             progress: show a tqdm progress bar.
+            reuse_block: yield the same output buffer every time (its contents are only
+                valid until the next iteration); saves an allocation per batch.
         """
         dev = torch.device(device) if device is not None else self.data_source.device
         dt = self.output_dtype
-        budget = DEFAULT_SLAB_BYTES if slab_bytes is None else int(slab_bytes)
-        if budget <= 0:
-            raise QltyError(f"slab_bytes must be a positive number of bytes, got {slab_bytes!r}")
-        B = self._batch_size(budget, torch.empty(0, dtype=dt).element_size())
-        order = sorted(range(len(self.z_indices)), key=lambda j: self.z_indices[j])
-        batches = [order[i:i + B] for i in range(0, len(order), B)]
-        tables = [self._table([self.z_indices[j] for j in b]) for b in batches]  # errors first
-        last_use: dict[int, int] = {}
-        for bi, b in enumerate(batches):
-            for j in b:
-                for z in self._resolved(self.z_indices[j]):
-                    last_use[z] = bi
-        cache: dict[int, torch.Tensor] = {}
-        bar = _progress(len(order), progress)
-        for bi, (b, table) in enumerate(zip(batches, tables)):
-            need = sorted({z for j in b for z in self._resolved(self.z_indices[j])})
-            for lo, hi in _runs([z for z in need if z not in cache]):
-                block = self._read(slice(lo, hi)).to(dev)
+        batches, tables, needs, last_use, ring = self._schedule(slab_bytes)
+        N, C, Y, X = self.N, self.C, self.Y, self.X
+        slab = torch.zeros((N, C, ring, Y, X), dtype=self.data_source.dtype, device=dev)
+        slot: dict[int, int] = {}
+        free = list(range(ring - 1, -1, -1))
+        lut = torch.full((self.Z + 2,), PAD, dtype=torch.int64)
+        lut[ZERO] = ZERO  # ZERO (-1) stays ZERO, PAD (-2) stays PAD
+        block = None
+        bar = _progress(len(self.z_indices), progress)
+        for bi, (b, table, need) in enumerate(zip(batches, tables, needs)):
+            for lo, hi in _runs([z for z in need if z not in slot]):
+                got = self._read(slice(lo, hi)).to(dev)  # only the missing slices
                 for i, z in enumerate(range(lo, hi)):
-                    cache[z] = block[:, :, i]
+                    slot[z] = free.pop()
+                    slab[:, :, slot[z]] = got[:, :, i]
+                del got
             if need:
-                slab = torch.stack([cache[z] for z in need], dim=2)
-                pos = {z: i for i, z in enumerate(need)}
-                lut = torch.full((self.Z + 2,), -2, dtype=torch.int64)
-                lut[torch.tensor(need)] = torch.arange(len(need))
-                lut[-1], lut[-2] = -1, -2  # ZERO stays ZERO, PAD stays PAD
-                idx = lut[table.idx]
-                del pos
-            else:
-                slab = torch.zeros((self.N, self.C, 1, self.Y, self.X),
-                                   dtype=self.data_source.dtype, device=dev)
-                idx = table.idx
-            block = torch.empty((self.N, len(b), self.output_channels, self.Y, self.X),
-                                dtype=dt, device=dev)
+                lut[torch.tensor(need)] = torch.tensor([slot[z] for z in need])
+            idx = lut[table.idx]
+            if block is None or not reuse_block or block.shape[1] != len(b):
+                block = torch.empty((N, len(b), self.output_channels, Y, X), dtype=dt,
+                                    device=dev)
             zagg(block, slab, idx, table.kind, table.chan_base, table.chan_cstride,
                  torch.arange(len(b)), backend=backend)
-            del slab
-            for z in [z for z, u in last_use.items() if u == bi]:
-                cache.pop(z, None)
+            for z in need:
+                if last_use[z] == bi:
+                    free.append(slot.pop(z))
             if bar is not None:
                 bar.update(len(b))
             yield list(b), block
@@ -303,7 +322,7 @@ class NCZYX25DQuilt:
                      torch.arange(len(self.z_indices)), backend=backend)
                 return out
             view = self._out_view(out)
-            for pos, block in self.iter_convert(slab_bytes, dev, backend, progress):
+            for pos, block in self.iter_convert(slab_bytes, dev, backend, progress, True):
                 view[:, pos] = block.to(out.dtype)
             return out
         return self._convert_to_sink(out, slab_bytes, device, backend, progress)
@@ -319,19 +338,26 @@ class NCZYX25DQuilt:
             raise QltyTypeError("bfloat16 output cannot be written to a numpy-style array sink")
         attrs = getattr(sink, "attrs", None)
         _set_attr(attrs, "qlty_gpu_complete", False)
-        J = len(self.z_indices)
-        for pos, block in self.iter_convert(slab_bytes, device, backend, progress):
+        J, Cp = len(self.z_indices), self.output_channels
+        # one channel chunk per write: a Zarr array encodes every chunk of a write at once,
+        # so whole-block writes would hold several encoded copies of the block
+        chunks = getattr(sink, "chunks", None)
+        cstep = max(1, int(chunks[1])) if chunks is not None and len(chunks) > 1 else Cp
+        for pos, block in self.iter_convert(slab_bytes, device, backend, progress, True):
             arr = block.cpu().numpy()
             for a, b in _runs_of_positions(pos):
-                part = arr[:, a - pos[0]: b - pos[0]] if _contiguous(pos) else None
-                if part is None:
-                    sel = [pos.index(p) for p in range(a, b)]
-                    part = arr[:, sel]
-                if self.accumulation_mode == "2d":
-                    for n in range(self.N):
-                        sink[n * J + a: n * J + b] = part[n]
+                if _contiguous(pos):
+                    part = arr[:, a - pos[0]: b - pos[0]]
                 else:
-                    sink[:, :, a:b] = np.ascontiguousarray(part.transpose(0, 2, 1, 3, 4))
+                    part = arr[:, [pos.index(p) for p in range(a, b)]]
+                for c0 in range(0, Cp, cstep):
+                    c1 = min(Cp, c0 + cstep)
+                    if self.accumulation_mode == "2d":
+                        for n in range(self.N):
+                            sink[n * J + a: n * J + b, c0:c1] = part[n, :, c0:c1]
+                    else:
+                        sink[:, c0:c1, a:b] = np.ascontiguousarray(
+                            part[:, :, c0:c1].transpose(0, 2, 1, 3, 4))
         _set_attr(attrs, "qlty_gpu_complete", True)
         return sink
 
