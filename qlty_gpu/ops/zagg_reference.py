@@ -30,14 +30,20 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 
 def _gather(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """x (N, C, S, Y, X), z int64 (J, K') -> (N, J, C, K', Y, X); entries < 0 give 0."""
+    """x (N, C, S, Y, X), z int64 (J, K') -> (N, J, C, K', Y, X); entries < 0 give 0.
+
+    One plane copy per entry (``index_select`` along a middle axis is ~50x slower on CPU).
+    """
     J, Kp = z.shape
-    g = x.index_select(2, z.clamp(min=0).reshape(-1))  # (N, C, J*K', Y, X)
-    g = g.reshape(x.shape[0], x.shape[1], J, Kp, *x.shape[3:]).transpose(1, 2)
-    neg = (z < 0).reshape(1, J, 1, Kp, 1, 1)
-    if g.dtype in (torch.uint16, torch.uint32, torch.uint64):
-        g = g.to(torch.int64)  # torch has no masked_fill for these; the caller casts back
-    return g.masked_fill(neg, 0) if bool(neg.any()) else g
+    N, C, _, Y, X = x.shape
+    g = torch.empty((N, J, C, Kp, Y, X), dtype=x.dtype, device=x.device)
+    for j, row in enumerate(z.tolist()):
+        for k, zi in enumerate(row):
+            if zi >= 0:
+                g[:, j, :, k] = x[:, :, zi]
+            else:
+                g[:, j, :, k] = 0
+    return g
 
 
 def zagg_reference(out, x, idx, kind, chan_base, chan_cstride, jpos) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 
 from ..backends_2_5D import TensorLike3D
 from ..errors import QltyError, QltyTypeError, describe
-from ..ops.zagg import zagg
+from ..ops.zagg import zagg, zagg_backend
 from .plans import ExtractionPlan, PatchExtraction, StitchingPlan, grid_2d, safe_colour_mod
 from .spec import (
     BOUNDARY_MODES,
@@ -315,11 +315,17 @@ class NCZYX25DQuilt:
                 raise QltyTypeError(f"out dtype {out.dtype} is not supported")
             dev = out.device if device is None else torch.device(device)
             src = self.data_source
-            if isinstance(src, torch.Tensor) and src.device == dev and slab_bytes is None:
-                # in memory: the source is the slab, the output view is written directly
-                t = self._table(self.z_indices)
-                zagg(self._out_view(out), src, t.idx, t.kind, t.chan_base, t.chan_cstride,
-                     torch.arange(len(self.z_indices)), backend=backend)
+            if isinstance(src, torch.Tensor) and src.device == dev:
+                # in memory: the source is the slab and the output view is written directly;
+                # batches of centres only bound the torch reference's temporaries
+                view = self._out_view(out)
+                batches, tables = self._schedule(slab_bytes)[:2]
+                if zagg_backend(dev, backend, src, out) != "torch":
+                    batches, tables = [list(range(len(self.z_indices)))], [None]
+                for b, t in zip(batches, tables):
+                    t = t or self._table(self.z_indices)
+                    zagg(view, src, t.idx, t.kind, t.chan_base, t.chan_cstride,
+                         torch.tensor(b, dtype=torch.int64), backend=backend)
                 return out
             view = self._out_view(out)
             for pos, block in self.iter_convert(slab_bytes, dev, backend, progress, True):
