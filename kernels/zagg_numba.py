@@ -49,29 +49,35 @@ def _body(x, out, idx, kind, base, cstride, jpos, tmpl, job):
         if idx[j, k, g] >= -1:
             cnt += 1
     total = np.zeros_like(tmpl)
+    sq = np.zeros_like(tmpl)
     for y in range(Y):
+        orow = out[n, row, ch, y]
         total[:] = 0
         for g in range(G):
             z = idx[j, k, g]
             if z >= 0:
+                xrow = x[n, c, z, y]
                 for i in range(X):
-                    total[i] += x[n, c, z, y, i]
+                    total[i] += xrow[i]
         for i in range(X):
             total[i] = total[i] / cnt
         if kd == 1:
             for i in range(X):
-                out[n, row, ch, y, i] = total[i]
+                orow[i] = total[i]
             continue
+        sq[:] = 0
+        for g in range(G):
+            z = idx[j, k, g]
+            if z >= 0:
+                xrow = x[n, c, z, y]
+                for i in range(X):
+                    d = xrow[i] - total[i]
+                    sq[i] += d * d
+            elif z == -1:
+                for i in range(X):
+                    sq[i] += total[i] * total[i]
         for i in range(X):
-            ss = total[i] * 0
-            for g in range(G):
-                z = idx[j, k, g]
-                if z >= 0:
-                    d = x[n, c, z, y, i] - total[i]
-                    ss += d * d
-                elif z == -1:
-                    ss += total[i] * total[i]
-            out[n, row, ch, y, i] = math.sqrt(ss / cnt)
+            orow[i] = math.sqrt(sq[i] / cnt)
 
 
 _body_jit = numba.njit(inline="always", **_OPTS)(_body)
