@@ -14,7 +14,7 @@ Shapes (the ops layer passes every stride; nothing here assumes contiguity):
 
 Constexprs: BLOCK_Y/BLOCK_X tile; G group width; X_BF16/OUT_BF16 bf16 bit patterns;
 COMPUTE_F64 accumulate in fp64 (else fp32); SAME_DTYPE identity is a raw copy.
-Numerics: int64 addresses (``pid`` widened first), fp32 accumulation (fp64 for fp64),
+Numerics: int64 addresses (grid indices widened first), fp32 accumulation (fp64 for fp64),
 masked loads on both spatial axes, two-pass std; no block pointers.
 """
 
@@ -86,10 +86,14 @@ def _zagg_kernel(
     X_BF16: tl.constexpr, OUT_BF16: tl.constexpr, COMPUTE_F64: tl.constexpr,
     SAME_DTYPE: tl.constexpr,
 ):
-    """Program ``pid`` -> (x block, y block, slot k, channel c, row j, image n)."""
-    pid = tl.program_id(0).to(tl.int64)
-    xb = pid % n_xb
-    t = pid // n_xb
+    """Program ``pid`` -> (x block, y block, slot k, channel c, row j, image n).
+
+    Decomposed in int32 (the grid stays below 2**31, so every index does): a 64-bit
+    division would call a subroutine with a stack frame. Widened before any address math.
+    """
+    t = tl.program_id(0)
+    xb = t % n_xb
+    t = t // n_xb
     yb = t % n_yb
     t = t // n_yb
     k = t % n_slots
@@ -98,6 +102,8 @@ def _zagg_kernel(
     t = t // n_ch
     j = t % n_rows
     n = t // n_rows
+    xb, yb, k, c = xb.to(tl.int64), yb.to(tl.int64), k.to(tl.int64), c.to(tl.int64)
+    j, n = j.to(tl.int64), n.to(tl.int64)
 
     offs_y = yb * BLOCK_Y + tl.arange(0, BLOCK_Y).to(tl.int64)  # (BLOCK_Y,)
     offs_x = xb * BLOCK_X + tl.arange(0, BLOCK_X).to(tl.int64)  # (BLOCK_X,)

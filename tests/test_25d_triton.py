@@ -216,3 +216,83 @@ def test_numba_in_a_forked_child():
     got = q.get(timeout=120)
     p.join(timeout=60)
     assert p.exitcode == 0 and got == pytest.approx(want, rel=1e-6)
+
+
+# ------------------------------------------------------------------ ahead-of-time compile
+_AOT = r'''
+import importlib.util, json, sys, tempfile, subprocess, re
+from pathlib import Path
+ROOT = Path(sys.argv[1])  # noqa: E501
+spec = importlib.util.spec_from_file_location("kernel_report", ROOT / "benchmarks" / "kernel_report.py")
+kr = importlib.util.module_from_spec(spec); spec.loader.exec_module(kr)
+import torch
+from qlty_gpu.ops import zagg_triton as zt
+from qlty_gpu.twofive.spec import build_table, parse_channel_spec, slots
+rec = kr._Recorder()
+zt._kernels = lambda: rec
+SPEC = {"identity": [-1, 0, 1], "mean": [[-2, -1], [1, 2]], "std": [[-1, 0, 1]]}
+t = build_table(slots(parse_channel_spec(SPEC), 1), list(range(8)), 64, "clamp")
+for label, dt, odt in (("fp32", torch.float32, torch.float32), ("bf16", torch.bfloat16, torch.bfloat16),
+                       ("uint16->fp32", torch.uint16, torch.float32), ("fp64", torch.float64, torch.float64)):
+    x = torch.empty(2, 1, 64, 256, 256, dtype=dt)
+    out = torch.empty(2, 8, 6, 256, 256, dtype=odt)
+    zt.zagg_triton(out, x, t.idx, t.kind, t.chan_base, t.chan_cstride, torch.arange(8))
+    name, grid, args, kwargs = rec.launches[-1]
+    from qlty_gpu.kernels import zagg_triton as kz
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    fn = getattr(kz, name)
+    sig, cexp, attrs = kr._specialise(fn, args, kwargs)
+    for cc in (80, 90):
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cexp, attrs=attrs),
+                           target=GPUTarget("cuda", cc, 32), options={"num_warps": kwargs["num_warps"]})
+        with tempfile.TemporaryDirectory() as d:
+            cubin = Path(d) / "k.cubin"; cubin.write_bytes(k.asm["cubin"])
+            res = subprocess.run([kr._tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+            sass = subprocess.run([kr._tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+        f = lambda key: int(re.search(rf"\b{key}:(\d+)", res).group(1))
+        ldg = re.findall(r"\bLDG\.E[.A-Z0-9]*", sass); stg = re.findall(r"\bSTG\.E[.A-Z0-9]*", sass)
+        print(json.dumps({"variant": label, "sm": cc, "regs": f("REG"), "local": f("LOCAL"), "stack": f("STACK"),
+                          "ldg128": sum(".128" in s for s in ldg), "ldg": len(ldg), "stg128": sum(".128" in s for s in stg), "stg": len(stg),
+                          "inexact": sorted(set(re.findall(r"\b(div\.(?:full|approx)\.f32|sqrt\.approx\.f32)", k.asm["ptx"]))),
+                          "wide": len(re.findall(r"mul\.wide\.[su]32|mul\.lo\.s64|mad\.lo\.s64", k.asm["ptx"]))}))
+'''
+
+
+def _cuda_tools() -> bool:
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("triton") is None:
+        return False
+    import triton
+
+    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _cuda_tools(), reason="needs triton with its CUDA tools")
+def test_zagg_kernel_compiles_for_sm80_sm90_without_spills():
+    """The launches the ops layer makes, compiled for real GPUs: no local-memory spills,
+    <= 64 registers (50% occupancy at 4 warps), no approximate division or sqrt, 16-byte
+    vector loads (a few 8-byte CALL stack slots come from the IEEE division slow path)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run([sys.executable, "-c", _AOT, str(root)], capture_output=True, text=True,
+                         env=env, cwd=root, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 8
+    for r in rows:
+        assert r["local"] == 0 and r["stack"] <= 8, r
+        assert 0 < r["regs"] <= 64, r
+        assert r["inexact"] == [] and r["ldg128"] > 0 and r["wide"] > 0, r

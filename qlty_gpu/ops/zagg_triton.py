@@ -44,8 +44,10 @@ def zagg_triton(out, x, idx, kind, chan_base, chan_cstride, jpos) -> torch.Tenso
     dev = x.device
     tables = [t.to(device=dev, dtype=torch.int64).contiguous()
               for t in (idx, kind, chan_base, chan_cstride, jpos)]
+    acc = compute_dtype(x.dtype, out.dtype)
+    tile = _TILE // 2 if acc == torch.float64 else _TILE  # fp64: 2 accumulators <= 64 regs
     block_x = min(_pow2(X), 128)
-    block_y = min(_pow2(Y), max(1, _TILE // block_x))
+    block_y = min(_pow2(Y), max(1, tile // block_x))
     n_yb, n_xb = -(-Y // block_y), -(-X // block_x)
     grid = (N * J * C * K * n_yb * n_xb,)
     if grid[0] >= 2**31:
@@ -53,7 +55,6 @@ def zagg_triton(out, x, idx, kind, chan_base, chan_cstride, jpos) -> torch.Tenso
             f"this conversion needs {grid[0]} Triton programs, more than one launch can have; "
             f"convert fewer z-slices at a time (slab_bytes=)"
         )
-    acc = compute_dtype(x.dtype, out.dtype)
     kernel = _kernels()._zagg_kernel
     args = (_view(x), _view(out), *tables, C, K, J, Y, X, *x.stride(), *out.stride(), n_yb, n_xb)
     kw = dict(
