@@ -433,3 +433,24 @@ def test_uint16_identity_is_exact_on_every_cpu_backend(backend):
     assert got.dtype == torch.uint16
     want = oracle(v.to(torch.int64), {"identity": [-1, 0, 9]}, "zero", list(range(5)))
     assert torch.equal(got.to(torch.int64), want.to(torch.int64))
+
+
+def test_progress_bar_and_budget_errors(capsys):
+    pytest.importorskip("tqdm")
+    q = NCZYX25DQuilt(_vol(N=1, C=1, Z=4, seed=11), SPEC)
+    q.convert(slab_bytes=1, progress=True)
+    assert "2.5D convert" in capsys.readouterr().err
+    with pytest.raises(QltyError, match="slab_bytes must be a positive number of bytes"):
+        q.convert(slab_bytes=0)
+
+
+def test_patch_pair_helpers_need_2d_mode_and_the_2d_module():
+    q3 = NCZYX25DQuilt(_vol(), SPEC, accumulation_mode="3d")
+    for meth in ("extract_patch_pairs", "extract_overlapping_pixels"):
+        with pytest.raises(QltyError, match=f"{meth} requires accumulation_mode='2d'"):
+            getattr(q3, meth)(window=(2, 2), num_patches=1, delta_range=(1.0, 2.0))
+    try:
+        import qlty_gpu.patch_pairs_2d  # noqa: F401
+    except ImportError:
+        with pytest.raises(QltyError, match="need qlty_gpu.patch_pairs_2d"):
+            NCZYX25DQuilt(_vol(), SPEC).extract_patch_pairs((2, 2), 1, (1.0, 2.0))

@@ -322,10 +322,15 @@ class NCZYX25DQuilt:
                 batches, tables = self._schedule(slab_bytes)[:2]
                 if zagg_backend(dev, backend, src, out) != "torch":
                     batches, tables = [list(range(len(self.z_indices)))], [None]
+                bar = _progress(len(self.z_indices), progress)
                 for b, t in zip(batches, tables):
                     t = t or self._table(self.z_indices)
                     zagg(view, src, t.idx, t.kind, t.chan_base, t.chan_cstride,
                          torch.tensor(b, dtype=torch.int64), backend=backend)
+                    if bar is not None:
+                        bar.update(len(b))
+                if bar is not None:
+                    bar.close()
                 return out
             view = self._out_view(out)
             for pos, block in self.iter_convert(slab_bytes, dev, backend, progress, True):
