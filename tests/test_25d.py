@@ -304,6 +304,9 @@ def test_convert_into_zarr(tmp_path, zarr_format, acc):
                                                                            slab_bytes=1)
     np.testing.assert_array_equal(sink[...], want.numpy())
     assert sink.attrs["qlty_gpu_complete"] is True
+    ro = zarr.open(str(tmp_path / "o.zarr"), mode="r")
+    with pytest.raises(QltyError, match="out is read-only"):
+        q.convert(out=ro)
 
 
 def test_iter_convert_blocks_cover_the_output():
@@ -454,3 +457,20 @@ def test_patch_pair_helpers_need_2d_mode_and_the_2d_module():
     except ImportError:
         with pytest.raises(QltyError, match="need qlty_gpu.patch_pairs_2d"):
             NCZYX25DQuilt(_vol(), SPEC).extract_patch_pairs((2, 2), 1, (1.0, 2.0))
+
+
+def test_a_failed_conversion_does_not_look_complete(tmp_path):
+    zarr = pytest.importorskip("zarr")
+
+    class Failing(CountingBackend):
+        def read_block(self, n=None, c=None, z=None, y=None, x=None):
+            if z is not None and z.stop > 5:
+                raise OSError("disk gone")
+            return super().read_block(n, c, z, y, x)
+
+    vol = _vol(N=1, C=1, Z=8, seed=12)
+    q = NCZYX25DQuilt(TensorLike3D(Failing(vol)), SPEC)
+    sink = zarr.open(str(tmp_path / "f.zarr"), mode="w", shape=q.output_shape, dtype="float32")
+    with pytest.raises(OSError, match="disk gone"):
+        q.convert(out=sink, slab_bytes=1)
+    assert sink.attrs["qlty_gpu_complete"] is False

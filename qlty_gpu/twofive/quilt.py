@@ -347,6 +347,8 @@ class NCZYX25DQuilt:
             )
         if self.output_dtype == torch.bfloat16:
             raise QltyTypeError("bfloat16 output cannot be written to a numpy-style array sink")
+        if getattr(sink, "read_only", False):
+            raise QltyError("out is read-only: open the Zarr array with mode='w', 'a' or 'r+'")
         attrs = getattr(sink, "attrs", None)
         _set_attr(attrs, "qlty_gpu_complete", False)
         J, Cp = len(self.z_indices), self.output_channels
