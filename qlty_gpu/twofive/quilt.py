@@ -28,6 +28,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from .._alloc import empty_cpu
 from ..backends_2_5D import TensorLike3D
 from ..errors import QltyError, QltyTypeError, describe
 from ..ops.zagg import zagg, zagg_backend
@@ -245,6 +246,11 @@ class NCZYX25DQuilt:
             reuse_block: yield the same output buffer every time (its contents are only
                 valid until the next iteration); saves an allocation per batch.
         """
+        yield from self._stream(slab_bytes, device, backend, progress, reuse_block, None)
+
+    def _stream(self, slab_bytes, device, backend, progress, reuse_block, target):
+        """iter_convert's engine; with ``target`` (an ``(N, Zsel, C', Y, X)`` view) every
+        batch is written straight into it and ``None`` is yielded for the block."""
         dev = torch.device(device) if device is not None else self.data_source.device
         dt = self.output_dtype
         batches, tables, needs, last_use, ring = self._schedule(slab_bytes)
@@ -266,11 +272,14 @@ class NCZYX25DQuilt:
             if need:
                 lut[torch.tensor(need)] = torch.tensor([slot[z] for z in need])
             idx = lut[table.idx]
-            if block is None or not reuse_block or block.shape[1] != len(b):
-                block = torch.empty((N, len(b), self.output_channels, Y, X), dtype=dt,
-                                    device=dev)
-            zagg(block, slab, idx, table.kind, table.chan_base, table.chan_cstride,
-                 torch.arange(len(b)), backend=backend)
+            if target is not None:
+                zagg(target, slab, idx, table.kind, table.chan_base, table.chan_cstride,
+                     torch.tensor(b, dtype=torch.int64), backend=backend)
+            else:
+                if block is None or not reuse_block or block.shape[1] != len(b):
+                    block = _empty((N, len(b), self.output_channels, Y, X), dt, dev)
+                zagg(block, slab, idx, table.kind, table.chan_base, table.chan_cstride,
+                     torch.arange(len(b)), backend=backend)
             for z in need:
                 if last_use[z] == bi:
                     free.append(slot.pop(z))
@@ -307,7 +316,7 @@ class NCZYX25DQuilt:
         dt = self.output_dtype
         if out is None:
             dev = torch.device(device) if device is not None else self.data_source.device
-            out = torch.empty(self.output_shape, dtype=dt, device=dev)
+            out = _empty(self.output_shape, dt, dev)
         if isinstance(out, torch.Tensor):
             if tuple(out.shape) != self.output_shape:
                 raise QltyError(f"out must have shape {self.output_shape}, got {tuple(out.shape)}")
@@ -332,9 +341,8 @@ class NCZYX25DQuilt:
                 if bar is not None:
                     bar.close()
                 return out
-            view = self._out_view(out)
-            for pos, block in self.iter_convert(slab_bytes, dev, backend, progress, True):
-                view[:, pos] = block.to(out.dtype)
+            for _ in self._stream(slab_bytes, dev, backend, progress, True, self._out_view(out)):
+                pass
             return out
         return self._convert_to_sink(out, slab_bytes, device, backend, progress)
 
@@ -560,6 +568,13 @@ class NCZYX25DQuilt:
                           device=slab.device)
         zagg(out, slab, idx, table.kind, table.chan_base, table.chan_cstride, torch.zeros(1, dtype=torch.int64))
         return out[0, 0]
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output buffer: pooled huge-page memory for large CPU tensors (no page-fault storm)."""
+    if device.type == "cpu":
+        return empty_cpu(tuple(shape), dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _progress(total: int, enabled: bool):
