@@ -28,10 +28,10 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from .._alloc import empty_cpu
 from ..backends_2_5D import TensorLike3D
 from ..errors import QltyError, QltyTypeError, describe
 from ..ops.zagg import zagg, zagg_backend
+from ._util import _contiguous, _empty, _progress, _runs, _runs_of_positions, _set_attr
 from .plans import ExtractionPlan, PatchExtraction, StitchingPlan, grid_2d, safe_colour_mod
 from .spec import (
     BOUNDARY_MODES,
@@ -62,17 +62,6 @@ def _merge_by_type(ops: list[ChannelOperation]) -> list[ChannelOperation]:
             merged.append(ChannelOperation(t, offs, sum(o.output_channels for o in same),
                                            same[0].name))
     return merged
-
-
-def _runs(values: list[int]) -> list[tuple[int, int]]:
-    """Sorted distinct ints -> ``[(start, stop), ...]`` of consecutive runs."""
-    runs: list[tuple[int, int]] = []
-    for v in values:
-        if runs and runs[-1][1] == v:
-            runs[-1] = (runs[-1][0], v + 1)
-        else:
-            runs.append((v, v + 1))
-    return runs
 
 
 class NCZYX25DQuilt:
@@ -568,37 +557,3 @@ class NCZYX25DQuilt:
                           device=slab.device)
         zagg(out, slab, idx, table.kind, table.chan_base, table.chan_cstride, torch.zeros(1, dtype=torch.int64))
         return out[0, 0]
-
-
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Output buffer: pooled huge-page memory for large CPU tensors (no page-fault storm)."""
-    if device.type == "cpu":
-        return empty_cpu(tuple(shape), dtype)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="2.5D convert", unit="slice")
-
-
-def _set_attr(attrs, key, value) -> None:
-    if attrs is None:
-        return
-    try:
-        attrs[key] = value
-    except Exception:  # read-only or attribute-less sinks: nothing to mark
-        pass
-
-
-def _contiguous(pos: list[int]) -> bool:
-    return pos == list(range(pos[0], pos[0] + len(pos)))
-
-
-def _runs_of_positions(pos: list[int]) -> list[tuple[int, int]]:
-    return _runs(sorted(pos))
