@@ -7,6 +7,17 @@ Switch from qlty by changing the import::
 
 __version__ = "0.1.0"
 
+from .backends_2_5D import (
+    DataSource3DBackend,
+    HDF5Backend,
+    InMemoryBackend,
+    MemoryMappedBackend,
+    TensorLike3D,
+    ZarrBackend,
+    from_hdf5,
+    from_memmap,
+    from_zarr,
+)
 from .cleanup import (
     weed_sparse_classification_training_pairs_2D,
     weed_sparse_classification_training_pairs_3D,
@@ -14,6 +25,7 @@ from .cleanup import (
 from .errors import QltyError
 from .geometry import QuiltPlan
 from .large import LargeNCYXQuilt, LargeNCZYXQuilt
+from .qlty2_5D import NCZYX25DQuilt, ZOperation
 from .quilt import NCYXQuilt, NCZYXQuilt
 
 # Image-stack conversion pulls in zarr and image readers: imported on first use.
@@ -79,4 +91,15 @@ __all__ = [
     "QuiltPlan",
     "weed_sparse_classification_training_pairs_2D",
     "weed_sparse_classification_training_pairs_3D",
+    "NCZYX25DQuilt",
+    "ZOperation",
+    "DataSource3DBackend",
+    "HDF5Backend",
+    "InMemoryBackend",
+    "MemoryMappedBackend",
+    "TensorLike3D",
+    "ZarrBackend",
+    "from_hdf5",
+    "from_memmap",
+    "from_zarr",
 ]

@@ -60,14 +60,6 @@ UPSTREAM_FILES = [
 
 # file -> the issue that builds what it tests. Remove a line when that lands.
 PENDING = {
-    "test_backends_2_5D.py": "2.5D backends (issue 13)",
-    "test_backends_2_5D_coverage.py": "2.5D backends (issue 13)",
-    "test_qlty2_5D.py": "2.5D quilt (issue 13)",
-    "test_qlty2_5D_backend_integration.py": "2.5D quilt (issue 13)",
-    "test_qlty2_5D_convenience.py": "2.5D quilt (issue 13)",
-    "test_qlty2_5D_coverage.py": "2.5D quilt (issue 13)",
-    "test_qlty2_5D_overlapping.py": "2.5D quilt (issue 13)",
-    "test_qlty2_5D_plans.py": "2.5D quilt (issue 13)",
     "test_stitch_parallel.py": "qlty2D numba internals shim (issue 9)",
 }
 
