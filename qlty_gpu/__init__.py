@@ -13,6 +13,7 @@ from .cleanup import (
 )
 from .errors import QltyError
 from .geometry import QuiltPlan
+from .infer import infer
 from .quilt import NCYXQuilt, NCZYXQuilt
 
 # Image-stack conversion pulls in zarr and image readers: imported on first use.
@@ -47,6 +48,7 @@ __all__ = [
     "NCZYXQuilt",
     "QltyError",
     "QuiltPlan",
+    "infer",
     "weed_sparse_classification_training_pairs_2D",
     "weed_sparse_classification_training_pairs_3D",
 ]

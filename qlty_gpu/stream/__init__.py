@@ -1,0 +1,1 @@
+"""Out-of-core and streaming machinery: one region engine (design §7)."""
