@@ -220,7 +220,12 @@ def infer(
     Raises:
         QltyError: bad arguments, or a model output that does not fit the window grid.
     """
-    if out is not None or not isinstance(x, (torch.Tensor, np.ndarray)):
+    if out is None and not isinstance(x, (torch.Tensor, np.ndarray)):
+        from .stream.ome_io import open_input
+        from .stream.sources import as_source
+
+        x = as_source(open_input(x)[0], "x").read()
+    if out is not None:
         from .stream.executor import infer_to_store
 
         return infer_to_store(
