@@ -30,7 +30,7 @@ import torch
 from ..errors import QltyError, QltyTypeError, describe
 from .ome_io import open_input, write_ome_group
 from .regions import RegionLayout, finish_core, run_region
-from .runner import PatchRunner
+from .runner import PatchRunner, is_oom
 from .sources import as_source
 
 __all__ = ["infer_to_store", "probe", "model_fingerprint"]
@@ -77,7 +77,17 @@ def probe(runner: PatchRunner, channels: int, dtype: torch.dtype) -> None:
         return
     b = runner.batch_size if runner.pad_last_batch else 1
     zeros = torch.zeros((b, channels, *runner.plan.window), dtype=dtype)
-    items = runner.forward(zeros)
+    try:
+        items = runner.forward(zeros)
+    except Exception as exc:
+        if isinstance(exc, QltyError) or is_oom(exc):
+            raise
+        raise QltyError(
+            f"the model failed on a batch of windows of shape {tuple(zeros.shape)} "
+            f"(B, C, *window) {zeros.dtype}: {type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}; check "
+            f"--window/window, the input channels and (for an exported model) its batch size"
+        ) from exc
     runner.specs = runner.make_specs(items, b)
 
 
