@@ -82,6 +82,25 @@ def test_infer_equals_unstitch_model_stitch(geom, scheme):
         assert max(model.batches) <= bs and sum(model.batches) == total  # never all at once
 
 
+@pytest.mark.parametrize("modes", [("unstitch", "stitch"), ("views", "stitch"),
+                                   ("unstitch", "windows")])
+@pytest.mark.parametrize("geom", GEOMS[:2])
+def test_gather_and_scatter_modes(monkeypatch, geom, modes):
+    """The fused-op paths (CUDA's default scatter) give the same result as the CPU paths."""
+    from qlty_gpu.stream import runner
+
+    shape, window, step = geom
+    x = torch.randn(shape)
+    model = conv(len(window), shape[1], 2)
+    base = infer(model, x, window, step, batch_size=5, weight="gaussian")
+    monkeypatch.setattr(runner, "GATHER_MODE", modes[0])
+    monkeypatch.setattr(runner, "SCATTER_MODE", modes[1])
+    got = infer(model, x, window, step, batch_size=5, weight="gaussian")
+    torch.testing.assert_close(got, base, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.double(), oracle(model, x, window, step, "gaussian"),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("cls,shape,window,step", [
     (NCYXQuilt, (2, 3, 29, 21), (8, 8), (5, 6)),
     (NCZYXQuilt, (1, 2, 11, 9, 10), (4, 4, 5), (3, 2, 3)),
