@@ -372,3 +372,20 @@ def test_cuda_devices_and_accumulate_on_cpu():  # pragma: no cover - needs CUDA
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     got = infer(net_cuda, x, 16, 8, batch_size=7, amp=True)
     assert got.dtype == torch.float32
+
+
+@pytest.mark.gpu
+def test_cuda_oom_moves_accumulation_to_cpu_first():  # pragma: no cover - needs CUDA
+    x = torch.randn(1, 2, 40, 40, device="cuda")
+    calls = []
+
+    def model(t):
+        calls.append(t.shape[0])
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return t * 3
+
+    with pytest.warns(RuntimeWarning, match="accumulating on the CPU"):
+        got = infer(model, x, 8, 4, batch_size=8)
+    assert got.device.type == "cpu" and calls[1] == calls[2] == 8  # same batch retried
+    torch.testing.assert_close(got, 3 * x.cpu())
