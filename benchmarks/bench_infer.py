@@ -26,6 +26,7 @@ Usage: ``python benchmarks/bench_infer.py [--device cpu] [--reps 3] [--quick]``
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import json
 import shutil
@@ -72,6 +73,21 @@ def _window_copy(x, window, step):
                 out[s] += batch[j]
     del nd
     return out
+
+
+def append_rows(rows: list[dict], device: str) -> Path:
+    """Our rows go to ``results/infer-<device>.csv`` (the shared CSV stays the op benches')."""
+    path = harness.csv_path(device)
+    path = path.with_name("infer-" + path.name)
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=harness.COLUMNS)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in harness.COLUMNS})
+    return path
 
 
 def make_fn(case: str, provider: str, model_kind: str, weight: str, device: str, tmp: Path):
@@ -157,8 +173,12 @@ def interleaved(cases, models, weights, device: str, reps: int) -> list[dict]:
         tmp = Path(tempfile.mkdtemp())
         jobs = [("clone", "-", "-"), ("window-copy", "-", "-")]
         jobs += [(p, m, w) for m in models for w in weights for p in ("qlty_gpu", "monai")]
-        fns = {j: make_fn(case, j[0], j[1] if j[1] != "-" else "identity",
-                          j[2] if j[2] != "-" else "constant", device, tmp) for j in jobs}
+        fns = {}
+        for j in jobs:
+            sub = tmp / "-".join(j)
+            sub.mkdir()
+            fns[j] = make_fn(case, j[0], j[1] if j[1] != "-" else "identity",
+                             j[2] if j[2] != "-" else "constant", device, sub)
         best = {j: [float("inf"), float("inf")] for j in jobs}
         with torch.no_grad():
             for f in fns.values():
@@ -205,7 +225,7 @@ def main() -> None:
             r.update(timestamp=stamp, device=harness.device_name(args.device), op="infer",
                      notes=r["notes"] + f"; cpu {r.pop('cpu_ms')} ms; interleaved best of "
                      f"{args.reps}")
-        harness.append_rows(rows, args.device)
+        append_rows(rows, args.device)
         print(harness.markdown_table(rows, ["case", "provider", "backend", "median_ms", "notes"]))
         return
     if args.child:
@@ -242,7 +262,7 @@ def main() -> None:
     for row in rows:
         wc = base.get((row["case"], "window-copy"))
         row["notes"] = f"x window-copy {row['median_ms'] / wc:.2f}" if wc else ""
-    harness.append_rows(rows, dev)
+    append_rows(rows, dev)
     print()
     print(harness.markdown_table(rows, ["case", "provider", "backend", "median_ms",
                                         "peak_rss_mb", "notes"]))
