@@ -24,6 +24,7 @@ from .cleanup import (
 )
 from .errors import QltyError
 from .geometry import QuiltPlan
+from .infer import infer
 from .large import LargeNCYXQuilt, LargeNCZYXQuilt
 from .qlty2_5D import NCZYX25DQuilt, ZOperation
 from .quilt import NCYXQuilt, NCZYXQuilt
@@ -89,6 +90,7 @@ __all__ = [
     "NCZYXQuilt",
     "QltyError",
     "QuiltPlan",
+    "infer",
     "weed_sparse_classification_training_pairs_2D",
     "weed_sparse_classification_training_pairs_3D",
     "NCZYX25DQuilt",

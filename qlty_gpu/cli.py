@@ -164,6 +164,11 @@ def _run_stack_to_zarr(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_infer(sub: argparse._SubParsersAction) -> None:
+    """``qlty-gpu infer``: implemented in :mod:`qlty_gpu.infer_cli`."""
+    from .infer_cli import add_infer_parser
+
+    add_infer_parser(sub)
 def _add_false_color(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "false-color",
@@ -212,6 +217,7 @@ def _add_false_color(sub: argparse._SubParsersAction) -> None:
 #: Subcommand registry: name -> function that adds its subparser.
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "stack-to-zarr": _add_stack_to_zarr,
+    "infer": _add_infer,
     "false-color": _add_false_color,
 }
 

@@ -288,6 +288,7 @@ class _Quilt:
         *,
         mode: Optional[str] = None,
         backend: Optional[str] = None,
+        weight=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Merge patches back into images by weighted averaging.
 
@@ -302,6 +303,10 @@ class _Quilt:
             mode: ``'atomic'`` or ``'deterministic'`` stitch on the Triton backend
                 (``None``: the documented default).
             backend: force a compute backend.
+            weight: ``None`` (this quilt's :attr:`weight`), or a blending scheme for this
+                call: ``"border"`` (qlty's frame from this quilt's border), ``"constant"``,
+                ``"gaussian"``, ``"hann"`` or a window-shaped tensor (see
+                :mod:`qlty_gpu.weights`).
 
         Returns:
             ``(result (N, C, *spatial), norma (*spatial))``. Floating input keeps its dtype
@@ -311,12 +316,45 @@ class _Quilt:
         t, _ = _to_tensor("ml_tensor", ml_tensor)
         self._check_patches("ml_tensor", t)
         acc = ops.accumulation_dtype(t.dtype)
-        weight, norm = self._stitch_weights(t.device, acc)
+        if weight is None:
+            weight, norm = self._stitch_weights(t.device, acc)
+        else:
+            from .weights import resolve_weight
+
+            ww = resolve_weight(weight, self.window, border=self.border,
+                                border_weight=self.border_weight)
+            norm = ww.norm(self.plan, device=t.device, dtype=acc)
+            weight = None if ww.is_constant else ww.tensor(t.device, acc)
         result = ops.stitch(
             t, self.plan.shape, self.step, weight=weight, norm=norm, mode=mode or "auto",
             backend=backend,
         )
         return result, norm.clone()  # the caller may edit norma; our cached copy stays intact
+
+    # ------------------------------------------------------------ inference
+    def infer(self, model, x, batch_size: int = 8, *, weight=None, **kwargs):
+        """Sliding-window inference over this quilt's geometry (see :func:`qlty_gpu.infer`).
+
+        Windows are gathered, run through ``model`` and blended batch by batch; all patches
+        never exist at once. ``weight=None`` blends with this quilt's :attr:`weight` (qlty's
+        border frame unless replaced); other keywords go to :func:`qlty_gpu.infer`.
+
+        Returns:
+            ``(N, K, *spatial')`` (or a tuple/dict for such models).
+        """
+        from .infer import infer as _infer
+
+        shape = getattr(x, "shape", None)
+        if shape is None or len(shape) != 2 + self.ndim or tuple(shape[2:]) != self.plan.shape:
+            raise QltyShapeAssertionError(
+                f"x must have shape (N, C, {', '.join(self._AXES)}) with {self._spatial_text()}, "
+                f"got {describe(x)}"
+            )
+        if weight is None:
+            same = torch.equal(self._weight, self.plan.weight("cpu", torch.float32))
+            weight = "border" if same else self._weight
+        return _infer(model, x, self.window, self.step, batch_size=batch_size, weight=weight,
+                      border=self.border, border_weight=self.border_weight, **kwargs)
 
 
 def _cast_label(label, dtype: torch.dtype) -> Union[float, int, bool]:
