@@ -376,9 +376,14 @@ def _itemsize(dtype: Any) -> int:
     return np.dtype(dtype).itemsize
 
 
-def _stats(rid, kind: str, status: str, t0: float, **kw: Any) -> dict:
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _stats(rid, kind: str, status: str, t0: tuple, **kw: Any) -> dict:
     out = {"rid": tuple(rid), "kind": kind, "status": status, "worker": _where(),
-           "pid": os.getpid(), "seconds": time.perf_counter() - t0, "model_loads": LOADS["models"],
+           "pid": os.getpid(), "seconds": time.perf_counter() - t0[0],
+           "cpu_seconds": time.process_time() - t0[1], "model_loads": LOADS["models"],
            "patches": 0, "model_calls": 0, "bytes_read": 0, "bytes_written": 0,
            "scratch_written": 0, "scratch_read": 0, "scratch_deleted": 0}
     out.update(kw)
@@ -442,7 +447,7 @@ def compute_task(ctx: TaskContext, payload: ModelPayload, rid: tuple, mode: str 
         core waits in the scratch store for :func:`finish_task`), ``"tails"`` (tails only)
         or ``"skipped"`` (already finished: a task that ran twice).
     """
-    t0 = time.perf_counter()
+    t0 = _clock()
     rid = tuple(int(v) for v in rid)
     sink = _WorkerSink(ctx.out)
     if mode == "full" and sink.has(rid):
@@ -485,7 +490,7 @@ def compute_task(ctx: TaskContext, payload: ModelPayload, rid: tuple, mode: str 
 
 def finish_task(ctx: TaskContext, rid: tuple) -> dict:
     """Finish a region whose core waits in the scratch store (all its tails are there)."""
-    t0 = time.perf_counter()
+    t0 = _clock()
     rid = tuple(int(v) for v in rid)
     sink = _WorkerSink(ctx.out)
     if sink.has(rid):
