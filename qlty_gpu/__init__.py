@@ -14,6 +14,7 @@ from .cleanup import (
 from .errors import QltyError
 from .geometry import QuiltPlan
 from .infer import infer
+from .large import LargeNCYXQuilt, LargeNCZYXQuilt
 from .quilt import NCYXQuilt, NCZYXQuilt
 
 # Image-stack conversion pulls in zarr and image readers: imported on first use.
@@ -40,6 +41,8 @@ def __dir__():
 
 
 __all__ = [
+    "LargeNCYXQuilt",
+    "LargeNCZYXQuilt",
     "reconstruct_from_laplacian_pyramid",
     "stack_files_to_ome_zarr",
     "stack_files_to_ome_zarr_laplacian",

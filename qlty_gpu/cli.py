@@ -158,9 +158,17 @@ def _run_stack_to_zarr(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_infer(sub: argparse._SubParsersAction) -> None:
+    """``qlty-gpu infer``: implemented in :mod:`qlty_gpu.infer_cli`."""
+    from .infer_cli import add_infer_parser
+
+    add_infer_parser(sub)
+
+
 #: Subcommand registry: name -> function that adds its subparser.
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "stack-to-zarr": _add_stack_to_zarr,
+    "infer": _add_infer,
 }
 
 

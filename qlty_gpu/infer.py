@@ -298,11 +298,7 @@ def run_in_memory(
     n_img = x.shape[0]
 
     def alloc(specs):
-        accs = [
-            torch.zeros((n_img, s.channels, *s.plan.shape), dtype=s.acc_dtype,
-                        device=runner.accumulate_device)
-            for s in specs
-        ]
+        accs = [runner.zeros((n_img, s.channels, *s.plan.shape), s.acc_dtype) for s in specs]
         return accs, [(0,) * plan.ndim] * len(specs)
 
     with _progress(progress, n_img * plan.patches_per_image, "infer") as bar:

@@ -82,6 +82,25 @@ def test_infer_equals_unstitch_model_stitch(geom, scheme):
         assert max(model.batches) <= bs and sum(model.batches) == total  # never all at once
 
 
+@pytest.mark.parametrize("modes", [("unstitch", "stitch"), ("views", "stitch"),
+                                   ("unstitch", "windows")])
+@pytest.mark.parametrize("geom", GEOMS[:2])
+def test_gather_and_scatter_modes(monkeypatch, geom, modes):
+    """The fused-op paths (CUDA's default scatter) give the same result as the CPU paths."""
+    from qlty_gpu.stream import runner
+
+    shape, window, step = geom
+    x = torch.randn(shape)
+    model = conv(len(window), shape[1], 2)
+    base = infer(model, x, window, step, batch_size=5, weight="gaussian")
+    monkeypatch.setattr(runner, "GATHER_MODE", modes[0])
+    monkeypatch.setattr(runner, "SCATTER_MODE", modes[1])
+    got = infer(model, x, window, step, batch_size=5, weight="gaussian")
+    torch.testing.assert_close(got, base, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.double(), oracle(model, x, window, step, "gaussian"),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("cls,shape,window,step", [
     (NCYXQuilt, (2, 3, 29, 21), (8, 8), (5, 6)),
     (NCZYXQuilt, (1, 2, 11, 9, 10), (4, 4, 5), (3, 2, 3)),
@@ -353,3 +372,20 @@ def test_cuda_devices_and_accumulate_on_cpu():  # pragma: no cover - needs CUDA
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     got = infer(net_cuda, x, 16, 8, batch_size=7, amp=True)
     assert got.dtype == torch.float32
+
+
+@pytest.mark.gpu
+def test_cuda_oom_moves_accumulation_to_cpu_first():  # pragma: no cover - needs CUDA
+    x = torch.randn(1, 2, 40, 40, device="cuda")
+    calls = []
+
+    def model(t):
+        calls.append(t.shape[0])
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return t * 3
+
+    with pytest.warns(RuntimeWarning, match="accumulating on the CPU"):
+        got = infer(model, x, 8, 4, batch_size=8)
+    assert got.device.type == "cpu" and calls[1] == calls[2] == 8  # same batch retried
+    torch.testing.assert_close(got, 3 * x.cpu())

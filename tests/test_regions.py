@@ -281,3 +281,18 @@ def _finished_patches(n_regions: int) -> int:
     lay = RegionLayout(QuiltPlan((41, 37), (8, 7), (5, 4)), 1, (8, 8), (1, 1))
     ids = list(lay.region_ids())[:n_regions]
     return sum(lay.n_patches(r) for r in ids)
+
+
+def test_memory_is_bounded_by_the_region_not_the_volume(tmp_path):
+    """Tails held at once: one row of regions' worth, whatever the number of rows."""
+    net = torch.nn.Conv2d(1, 2, 1)
+    peaks = []
+    for rows in (40, 160):  # 4x more regions along the slow axis
+        x = torch.rand(1, 1, rows, 48)
+        out = infer(net, x, (8, 8), (4, 4), out=str(tmp_path / f"{rows}.zarr"),
+                    chunks=(8, 8), region_chunks=1)
+        m = dict(out.attrs)["qlty_gpu"]
+        peaks.append((m["peak_tail_bytes"], m["region_block_bytes"]))
+    assert peaks[0] == peaks[1] and peaks[0][0] > 0
+    # one row of 6 regions leaves 6 bottom tails (4 x 8 px) + 5 corners + a right tail
+    assert peaks[0][0] <= (6 * 4 * 8 + 6 * 4 * 4 + 8 * 4) * 2 * 4

@@ -41,7 +41,7 @@ def _touch(origin, window, region):
     return all(o < r.stop and o + w > r.start for o, w, r in zip(origin, window, region))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(geometries())
 def test_patch_chunk_relations_match_brute_force(geo):
     plan, chunks = geo
@@ -67,7 +67,7 @@ def test_patch_chunk_relations_match_brute_force(geo):
     assert sum(len(v) for v in owned.values()) == plan.patches_per_image
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(geometries())
 def test_norm_per_chunk_equals_plan_norm(geo):
     plan, chunks = geo
@@ -77,7 +77,7 @@ def test_norm_per_chunk_equals_plan_norm(geo):
         torch.testing.assert_close(grid.norm(c, dtype=torch.float64), full[grid.chunk_slices(c)])
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(geometries())
 def test_norm_with_custom_weight_and_overlap(geo):
     plan, chunks = geo
@@ -100,7 +100,7 @@ def test_norm_with_custom_weight_and_overlap(geo):
                 assert cs[a].start + ov[0][a].start == o[a] + ov[1][a].start
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(geometries())
 def test_raster_peak_matches_simulation(geo):
     plan, chunks = geo

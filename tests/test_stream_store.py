@@ -163,3 +163,12 @@ def test_unit_keys_and_diff():
         with pytest.raises(QltyError):
             unit_key(bad)
     assert fingerprint_diff({"a": (1, 2)}, {"a": [1, 2]}) == []
+
+
+def test_fsync_syncs_chunk_files_before_recording(tmp_path, monkeypatch):
+    s = _sink(str(tmp_path / "o.zarr"), fsync=True)
+    synced = []
+    monkeypatch.setattr(ZarrSink, "_fsync", staticmethod(lambda p: synced.append(p.as_posix())))
+    s.write((slice(0, 4), slice(3, 6)), np.ones((4, 3)), unit="u")
+    assert [p.split("o.zarr/")[1] for p in synced] == ["c/0/1", "c/1/1", "qlty_gpu_done/u"]
+    assert all(os.path.exists(p) for p in synced)

@@ -296,27 +296,34 @@ class ChunkGrid:
         return acc.to(device=device, dtype=dtype)
 
     # ------------------------------------------------------------ memory planning
-    def raster_peak_elements(self) -> int:
+    def raster_peak_elements(self, batch_size: int = 1, images: int = 1) -> int:
         """Largest number of chunk elements (spatial, per channel) alive at once when the
-        patches arrive in raster order (``n``, then z, y, x).
+        patches of ``images`` images arrive in raster order (``n``, then z, y, x) in batches
+        of ``batch_size`` consecutive patches.
 
-        A chunk is alive from its first touching patch to its last one. Images follow one
-        another, so the peak is the peak over one image's chunks.
+        A chunk is alive from the batch holding its first touching patch to the batch
+        holding its last one (a batch adds all its patches before any chunk it completes is
+        freed). With ``batch_size=1`` images follow one another without overlap, so one
+        image gives the peak.
         """
         counts = self.plan.counts
-        events: list[tuple[int, int]] = []
+        per = self.plan.patches_per_image
+        firsts, lasts, sizes = [], [], []
         for cidx in self.all_chunks():
             r = self.patch_ranges(cidx)
             if any(len(x) == 0 for x in r):
                 continue
-            first = np.ravel_multi_index(tuple(x.start for x in r), counts)
-            last = np.ravel_multi_index(tuple(x.stop - 1 for x in r), counts)
-            size = math.prod(self.chunk_shape(cidx))
-            events.append((int(first), size))
-            events.append((int(last) + 1, -size))
-        events.sort(key=lambda e: (e[0], e[1]))  # frees before allocations at the same time
-        peak = cur = 0
-        for _, delta in events:
-            cur += delta
-            peak = max(peak, cur)
-        return peak
+            firsts.append(np.ravel_multi_index(tuple(x.start for x in r), counts))
+            lasts.append(np.ravel_multi_index(tuple(x.stop - 1 for x in r), counts))
+            sizes.append(math.prod(self.chunk_shape(cidx)))
+        if not sizes:
+            return 0
+        n_img = 1 if batch_size == 1 else max(1, int(images))
+        off = (np.arange(n_img, dtype=np.int64) * per)[:, None]
+        start = ((np.asarray(firsts)[None, :] + off) // batch_size).ravel()
+        stop = ((np.asarray(lasts)[None, :] + off) // batch_size + 1).ravel()
+        size = np.broadcast_to(np.asarray(sizes, dtype=np.int64), (n_img, len(sizes))).ravel()
+        times = np.concatenate([stop, start])  # frees sort before allocations at a tie
+        deltas = np.concatenate([-size, size])
+        order = np.lexsort((deltas, times))
+        return int(np.cumsum(deltas[order]).max())

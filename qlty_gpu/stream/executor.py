@@ -30,7 +30,7 @@ import torch
 from ..errors import QltyError, QltyTypeError, describe
 from .ome_io import open_input, write_ome_group
 from .regions import RegionLayout, finish_core, run_region
-from .runner import PatchRunner
+from .runner import PatchRunner, is_oom
 from .sources import as_source
 
 __all__ = ["infer_to_store", "probe", "model_fingerprint"]
@@ -77,7 +77,17 @@ def probe(runner: PatchRunner, channels: int, dtype: torch.dtype) -> None:
         return
     b = runner.batch_size if runner.pad_last_batch else 1
     zeros = torch.zeros((b, channels, *runner.plan.window), dtype=dtype)
-    items = runner.forward(zeros)
+    try:
+        items = runner.forward(zeros)
+    except Exception as exc:
+        if isinstance(exc, QltyError) or is_oom(exc):
+            raise
+        raise QltyError(
+            f"the model failed on a batch of windows of shape {tuple(zeros.shape)} "
+            f"(B, C, *window) {zeros.dtype}: {type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}; check "
+            f"--window/window, the input channels and (for an exported model) its batch size"
+        ) from exc
     runner.specs = runner.make_specs(items, b)
 
 
@@ -265,6 +275,7 @@ def infer_to_store(
     done = {tuple(int(v) for v in key.split(".")) for key in sink.finished}
     pending: dict = {}  # target rid -> [(offset, (box, tail))]
     rerun = 0
+    peak_tails = peak_block = 0
     total = n_img * plan.patches_per_image
     with _progress(progress, total, "infer") as bar:
         runner.progress = bar
@@ -293,6 +304,12 @@ def infer_to_store(
                     if tgt not in done:
                         pending.setdefault(tgt, []).append((o, tail))
                 core = finish_core(res, pending.pop(rid, []), layout, spec)
+                held = sum(t.numel() * t.element_size()
+                           for lst in pending.values() for _, (_, t) in lst)
+                peak_tails = max(peak_tails, held)
+                peak_block = max(peak_block, math.prod(
+                    [layout.nrange(rid)[1] - layout.nrange(rid)[0], spec.channels,
+                     *[hi - lo for lo, hi in layout.block_out(rid)]]) * core.element_size())
                 write(rid, apply_reduce(core, reduce))
         finally:
             runner.progress = None
@@ -300,20 +317,9 @@ def infer_to_store(
     ran = runner.patches_run
     sink.finish(expected_units=layout.count(), patches_run=ran, patches_rerun=rerun,
                 patches_total=total, seconds=round(time.perf_counter() - t0, 3),
-                resumed=bool(done))
+                resumed=bool(done), peak_tail_bytes=peak_tails, region_block_bytes=peak_block)
     if done:
         log.info("resumed: %d regions were finished; %d patches ran again to rebuild their "
                  "tails", len(done), rerun)
     return sink.array
 
-
-def memory_bound_elements(layout: RegionLayout, channels: int) -> int:
-    """Upper bound on accumulator elements alive at once in the in-process loop: one region
-    block plus the tails of one slab of regions (the raster predecessors a region waits on).
-    """
-    plan = layout.plan
-    scale = layout.scale
-    block = [int((r + w) * f) for r, w, f in zip(layout.region, plan.window, scale)]
-    slab = math.prod(layout.grid[1:]) if layout.plan.ndim > 1 else 1
-    halo = math.prod(block) - math.prod(int(r * f) for r, f in zip(layout.region, scale))
-    return layout.n_block * channels * (math.prod(block) + (slab + 1) * halo)

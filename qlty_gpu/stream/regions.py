@@ -254,8 +254,8 @@ def run_region(
     b0 = tuple(lo for lo, _ in block)
 
     def alloc(specs):
-        acc = torch.zeros((n1 - n0, specs[0].channels, *[hi - lo for lo, hi in block]),
-                          dtype=specs[0].acc_dtype, device=runner.accumulate_device)
+        acc = runner.zeros((n1 - n0, specs[0].channels, *[hi - lo for lo, hi in block]),
+                           specs[0].acc_dtype)
         return [acc], [b0]
 
     ext = layout.extent_in(rid)

@@ -310,7 +310,7 @@ class ZarrSink:
         buf = default_buffer_prototype().buffer.from_bytes(b"1")
         _sync(self.array.store.set(self._prefix() + key, buf))
         if self.fsync and self.path is not None:
-            self._fsync(Path(self.path) / _DONE / key)
+            self._fsync(Path(self.path) / (self.array.path or "") / _DONE / key)
         self._finished.add(key)
 
     @staticmethod
@@ -381,8 +381,20 @@ class ZarrSink:
         else:
             data = np.asarray(data, dtype=self.dtype)
         self.writer.write(self.array, region, data, chunk_coords=coords)
+        if self.fsync and self.path is not None:
+            self._fsync_region(region)
         if unit is not None:
             self.record(unit)
+
+    def _fsync_region(self, region: tuple[slice, ...]) -> None:
+        """fsync the chunk files holding ``region`` (before its unit is recorded)."""
+        import itertools
+
+        enc = self.array.metadata.chunk_key_encoding
+        root = Path(str(self.array.store.root)) / (self.array.path or "")
+        ranges = [range(r.start // e, -(-r.stop // e)) for r, e in zip(region, self.chunks)]
+        for coords in itertools.product(*ranges):
+            self._fsync(root / enc.encode_chunk_key(coords))
 
     def write_chunk(self, coords: Sequence[int], data, unit: Optional[Unit] = None) -> None:
         """Write one whole chunk (see :meth:`write`); ``unit`` defaults to nothing."""
