@@ -386,3 +386,26 @@ def test_client_that_is_gone(tmp_path):
     with pytest.raises(QltyError, match="Client"):
         qlty_gpu.infer(_conv(1, 1), src, 6, 4, client="tcp://nowhere:1",
                        out=str(tmp_path / "o.zarr"))
+
+
+def test_cli_scheduler(client, tmp_path, capsys):
+    from qlty_gpu.cli import main
+
+    x = torch.randn(1, 2, 23, 21)
+    src = _to_zarr(tmp_path / "in.zarr", x, (1, 2, 8, 8))
+    conv = _conv(2, 3)
+    ep = torch.export.export(conv, (torch.zeros(4, 2, 6, 6),),
+                             dynamic_shapes=({0: torch.export.Dim("b", min=1, max=64)},))
+    path = str(tmp_path / "m.pt2")
+    torch.export.save(ep, path)
+    args = [path, src, "--window", "6", "--step", "4", "--chunks", "4,4", "--weight", "hann", "-q"]
+    assert main(["infer", *args[:2], str(tmp_path / "a.zarr"), *args[2:], "--device",
+                 "cpu"]) == 0
+    assert main(["infer", *args[:2], str(tmp_path / "b.zarr"), *args[2:], "--scheduler",
+                 client.scheduler.address]) == 0
+    a, b = zarr.open_array(str(tmp_path / "a.zarr")), zarr.open_array(str(tmp_path / "b.zarr"))
+    assert np.array_equal(a[:], b[:])
+    assert b.attrs["qlty_gpu"]["report"]["patches_run"] == b.attrs["qlty_gpu"]["patches_total"]
+    assert main(["infer", str(tmp_path / "nope.pt2"), *args[1:2], str(tmp_path / "c.zarr"),
+                 *args[2:], "--scheduler", client.scheduler.address]) == 1
+    assert "does not exist" in capsys.readouterr().err
