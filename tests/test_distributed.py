@@ -409,3 +409,21 @@ def test_cli_scheduler(client, tmp_path, capsys):
     assert main(["infer", str(tmp_path / "nope.pt2"), *args[1:2], str(tmp_path / "c.zarr"),
                  *args[2:], "--scheduler", client.scheduler.address]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_quilt_infer_with_client_and_progress(client, tmp_path, capsys):
+    x = torch.randn(2, 2, 19, 22)
+    src = zarr.open_array(_to_zarr(tmp_path / "in.zarr", x, (1, 2, 8, 8)), mode="r")
+    quilt = qlty_gpu.NCYXQuilt(19, 22, window=(6, 8), step=(4, 5), border=(1, 1),
+                               border_weight=0.3)
+    conv = _conv(2, 3)
+    got = quilt.infer(conv, src, out=str(tmp_path / "b.zarr"), client=client, chunks=(4, 4),
+                      progress=True, region=(8, 4))
+    ref = quilt.infer(conv, src, out=str(tmp_path / "a.zarr"), chunks=(4, 4),
+                      region_chunks=(2, 1))
+    assert np.array_equal(got[:], ref[:])
+    np.testing.assert_allclose(got[:], quilt.infer(conv, x).numpy(), atol=1e-5, rtol=1e-5)
+    assert "infer (dask)" in capsys.readouterr().err  # the client's progress bar
+    with pytest.raises(QltyError, match="multiples of the chunk"):
+        quilt.infer(conv, src, out=str(tmp_path / "c.zarr"), client=client, chunks=(4, 4),
+                    region=(6, 4))
