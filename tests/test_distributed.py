@@ -427,3 +427,79 @@ def test_quilt_infer_with_client_and_progress(client, tmp_path, capsys):
     with pytest.raises(QltyError, match="multiples of the chunk"):
         quilt.infer(conv, src, out=str(tmp_path / "c.zarr"), client=client, chunks=(4, 4),
                     region=(6, 4))
+
+
+def test_missing_distributed_names_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    from qlty_gpu.errors import QltyDependencyError
+
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    with pytest.raises(QltyDependencyError, match=r"qlty_gpu\[dask\]"):
+        qlty_gpu.infer(_conv(1, 1), str(tmp_path), 6, 4, client=object(),
+                       out=str(tmp_path / "o.zarr"))
+
+
+def test_client_needs_an_output_the_workers_can_write(client, tmp_path):
+    src = _to_zarr(tmp_path / "in.zarr", torch.zeros(1, 1, 12, 12), (1, 1, 12, 12))
+    with pytest.raises(QltyError, match="needs out="):
+        qlty_gpu.infer(_conv(1, 1), src, 6, 4, client=client)
+    mem = zarr.create_array(store=zarr.storage.MemoryStore(), shape=(1, 1, 12, 12),
+                            chunks=(1, 1, 4, 4), dtype="f4")
+    with pytest.raises(QltyError, match="cannot write it"):
+        qlty_gpu.infer(_conv(1, 1), src, 6, 4, client=client, out=mem)
+    with pytest.raises(QltyError, match="unknown keyword"):
+        infer_distributed(_conv(1, 1), src, 6, 4, client=client, out=str(tmp_path / "o.zarr"),
+                          bogus=1)
+
+
+def test_deferred_and_inline_finishes_give_the_same_bits(tmp_path):
+    """The tasks without Dask, in reverse raster order: regions whose tails are not there
+    yet defer (core to scratch) and are finished later; the bits do not change."""
+    from fractions import Fraction
+
+    from qlty_gpu.infer import make_plan
+    from qlty_gpu.stream.dask_executor import _runner_settings
+    from qlty_gpu.stream.dask_prep import model_payload, open_scratch, source_ref
+    from qlty_gpu.stream.dask_worker import (
+        TaskContext,
+        compute_task,
+        finish_task,
+        probe_task,
+    )
+    from qlty_gpu.stream.regions import RegionLayout
+    from qlty_gpu.stream.store import ZarrSink
+
+    x = torch.randn(1, 2, 29, 27)
+    src = _to_zarr(tmp_path / "in.zarr", x, (1, 2, 16, 16))
+    conv = _conv(2, 3)
+    ref = qlty_gpu.infer(conv, src, 6, 4, out=str(tmp_path / "a.zarr"), chunks=(4, 4),
+                         region_chunks=1, weight="gaussian")
+    sref, _, _ = source_ref(src)
+    payload = model_payload(conv)
+    settings = _runner_settings({"weight": "gaussian"})
+    plan = make_plan((29, 27), 6, 4)
+    pr = probe_task(TaskContext(RegionLayout(plan, 1, plan.shape, (Fraction(1),) * 2),
+                                settings, None, sref, None, None, 0, None, None, None), payload)
+    layout = RegionLayout(plan, 1, (4, 4), pr["specs"][0].scale)
+    out = zarr.create_array(store=str(tmp_path / "b.zarr"), shape=ref.shape, chunks=ref.chunks,
+                            dtype="f4")
+    ZarrSink(out, ref.shape, fingerprint={}, overwrite=True)
+    scr, _ = open_scratch(str(tmp_path / "scr"), {}, False)
+    scr.put_raw("run", b"t")
+    ctx = TaskContext(layout, settings, None, sref, out, None, 3, torch.float32, None, scr,
+                      pr["specs"], pr["structure"], "t")
+    status = {rid: compute_task(ctx, payload, rid)["status"]
+              for rid in reversed(list(layout.region_ids()))}
+    assert "core" in status.values() and "finished" in status.values()
+    for rid in layout.region_ids():
+        if status[rid] == "core":
+            assert finish_task(ctx, rid)["status"] == "finished"
+    assert np.array_equal(out[:], ref[:])
+    left = [p.relative_to(tmp_path / "scr").parts[0] for p in (tmp_path / "scr").rglob("*")
+            if p.is_file()]
+    assert "tail" not in left and "core" not in left  # every tail and core was consumed
+    assert compute_task(ctx, payload, (0, 0, 0))["status"] == "skipped"  # idempotent
+    scr.put_raw("run", b"newer")  # a later run owns the store: a stale task writes nothing
+    with pytest.raises(QltyError, match="earlier run"):
+        compute_task(ctx, payload, (0, 3, 3), mode="tails")
