@@ -262,6 +262,7 @@ def test_bounded_graph_and_model_loaded_once_per_worker(client, tmp_path):
     assert np.array_equal(rep.array[:], ref[:])
 
 
+@pytest.mark.slow
 def test_torch_export_pt2_model(client, tmp_path):
     x = torch.randn(1, 2, 21, 19)
     src = _to_zarr(tmp_path / "in.zarr", x, (1, 2, 8, 8))
@@ -503,3 +504,15 @@ def test_deferred_and_inline_finishes_give_the_same_bits(tmp_path):
     scr.put_raw("run", b"newer")  # a later run owns the store: a stale task writes nothing
     with pytest.raises(QltyError, match="earlier run"):
         compute_task(ctx, payload, (0, 3, 3), mode="tails")
+
+
+@pytest.mark.gpu
+def test_workers_run_the_model_on_their_gpu(client, tmp_path):
+    x = torch.randn(1, 2, 40, 36)
+    src = _to_zarr(tmp_path / "in.zarr", x, (1, 2, 16, 16))
+    conv = _conv(2, 3)
+    rep = infer_distributed(conv, src, 8, 6, client=client, out=str(tmp_path / "o.zarr"),
+                            chunks=(8, 8), weight="gaussian", accumulate_device="cuda")
+    assert rep.array.attrs["qlty_gpu"]["fingerprint"]["device"] == "cuda"
+    mem = qlty_gpu.infer(conv, x, 8, 6, weight="gaussian")
+    np.testing.assert_allclose(rep.array[:], mem.numpy(), atol=1e-4, rtol=1e-4)
