@@ -155,6 +155,10 @@ def task_bytes(layout: RegionLayout, channels: int, k: int, in_itemsize: int,
 def choose_region(plan_out_shape, chunks, base: tuple[int, ...], fits) -> tuple[int, ...]:
     """Grow ``base`` (chunks per region) one chunk at a time, the axis with the smallest
     extent first, while ``fits(region_chunks)`` holds and the region fits in the volume.
+
+    Example:
+        >>> choose_region((64, 48), (8, 8), (1, 1), lambda rc: rc[0] * rc[1] <= 6)
+        (2, 3)
     """
     cur = list(base)
     limit = [max(1, -(-d // c)) for d, c in zip(plan_out_shape, chunks)]
