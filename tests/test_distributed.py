@@ -516,3 +516,21 @@ def test_workers_run_the_model_on_their_gpu(client, tmp_path):
     assert rep.array.attrs["qlty_gpu"]["fingerprint"]["device"] == "cuda"
     mem = qlty_gpu.infer(conv, x, 8, 6, weight="gaussian")
     np.testing.assert_allclose(rep.array[:], mem.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_distributed_resumes_an_interrupted_in_process_run(client, tmp_path):
+    x = torch.randn(1, 2, 33, 29)
+    x[0, 0, 25, 20] = 555.5
+    src = _to_zarr(tmp_path / "in.zarr", x, (1, 2, 16, 16))
+    flag = tmp_path / "flag"
+    flag.touch()
+    model = FailWhileFlag(str(flag), 555.5)
+    kw = dict(chunks=(8, 8), region_chunks=1, batch_size=4, weight="hann")
+    out = str(tmp_path / "b.zarr")
+    with pytest.raises(RuntimeError, match="interrupted on purpose"):
+        qlty_gpu.infer(model, src, 8, 5, out=out, **kw)  # in-process, killed part-way
+    flag.unlink()
+    rep = infer_distributed(model, src, 8, 5, client=client, out=out, resume=True, **kw)
+    assert 0 < rep.regions_run < rep.regions and rep.patches_rerun > 0
+    ref = qlty_gpu.infer(model, src, 8, 5, out=str(tmp_path / "a.zarr"), **kw)
+    assert np.array_equal(rep.array[:], ref[:])
