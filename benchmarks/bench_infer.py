@@ -74,7 +74,8 @@ def _window_copy(x, window, step):
     return out
 
 
-def child(case: str, provider: str, model_kind: str, weight: str, device: str, reps: int) -> dict:
+def make_fn(case: str, provider: str, model_kind: str, weight: str, device: str, tmp: Path):
+    """The callable one provider runs for one case (inputs built once, outside it)."""
     zarr_case = case == ZARR_CASE
     cfg = CASES["3d_1x2x128^3_w32_s16"] if zarr_case else CASES[case]
     shape, w, s = cfg["shape"], cfg["window"], cfg["step"]
@@ -82,7 +83,6 @@ def child(case: str, provider: str, model_kind: str, weight: str, device: str, r
     torch.manual_seed(0)
     x = torch.randn(shape, device=device)
     model = _model(model_kind, nd, shape[1], device)
-    tmp = Path(tempfile.mkdtemp())
     if provider == "clone":
         fn = x.clone
     elif provider == "window-copy":
@@ -130,6 +130,12 @@ def child(case: str, provider: str, model_kind: str, weight: str, device: str, r
                 return inferer(x, model)
     else:
         raise SystemExit(f"unknown provider {provider} for {case}")
+    return fn
+
+
+def child(case: str, provider: str, model_kind: str, weight: str, device: str, reps: int) -> dict:
+    tmp = Path(tempfile.mkdtemp())
+    fn = make_fn(case, provider, model_kind, weight, device, tmp)
     fn()  # warm-up
     times = []
     for _ in range(reps):  # best of reps: the shared CPU machine is noisy
@@ -142,6 +148,41 @@ def child(case: str, provider: str, model_kind: str, weight: str, device: str, r
     return {"median_ms": round(min(times) * 1e3, 2), "peak_rss_mb": round(harness.peak_rss_mb(), 1)}
 
 
+def interleaved(cases, models, weights, device: str, reps: int) -> list[dict]:
+    """All providers of a case in one process, round-robin, best of ``reps`` wall and CPU
+    time: on a shared machine the load changes between isolated runs more than the
+    providers differ."""
+    rows = []
+    for case in cases:
+        tmp = Path(tempfile.mkdtemp())
+        jobs = [("clone", "-", "-"), ("window-copy", "-", "-")]
+        jobs += [(p, m, w) for m in models for w in weights for p in ("qlty_gpu", "monai")]
+        fns = {j: make_fn(case, j[0], j[1] if j[1] != "-" else "identity",
+                          j[2] if j[2] != "-" else "constant", device, tmp) for j in jobs}
+        best = {j: [float("inf"), float("inf")] for j in jobs}
+        with torch.no_grad():
+            for f in fns.values():
+                f()
+            for _ in range(reps):
+                for j, f in fns.items():
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    f()
+                    if device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    best[j][0] = min(best[j][0], time.perf_counter() - t0)
+                    best[j][1] = min(best[j][1], time.process_time() - c0)
+        wc = best[("window-copy", "-", "-")][0]
+        for j in jobs:
+            ms, cpu = best[j][0] * 1e3, best[j][1] * 1e3
+            rows.append({"case": case, "provider": j[0], "backend": f"{j[1]}/{j[2]}",
+                         "median_ms": round(ms, 1), "cpu_ms": round(cpu, 1),
+                         "notes": f"x window-copy {ms / (wc * 1e3):.2f}"})
+            print(f"{case:28s} {j[0]:12s} {j[1]:9s} {j[2]:9s} {ms:10.1f} ms  cpu {cpu:10.1f} ms",
+                  flush=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--child", action="store_true")
@@ -152,7 +193,21 @@ def main() -> None:
     ap.add_argument("--models", default="identity,conv")
     ap.add_argument("--weights", default="constant,gaussian")
     ap.add_argument("rest", nargs="*")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="providers round-robin in one process (timings; no RSS)")
     args = ap.parse_args()
+    if args.interleaved:
+        cases = args.cases.split(",") if args.cases else list(CASES) + [ZARR_CASE]
+        rows = interleaved(cases, args.models.split(","), args.weights.split(","),
+                           args.device, args.reps)
+        stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        for r in rows:
+            r.update(timestamp=stamp, device=harness.device_name(args.device), op="infer",
+                     notes=r["notes"] + f"; cpu {r.pop('cpu_ms')} ms; interleaved best of "
+                     f"{args.reps}")
+        harness.append_rows(rows, args.device)
+        print(harness.markdown_table(rows, ["case", "provider", "backend", "median_ms", "notes"]))
+        return
     if args.child:
         case, prov, model, weight, dev, reps = args.rest
         print(json.dumps(child(case, prov, model, weight, dev, int(reps))))
