@@ -285,6 +285,7 @@ def test_region_auto_says_what_it_chose(client, tmp_path, caplog):
         rep = infer_distributed(conv, src, 8, 6, client=client, out=str(tmp_path / "o.zarr"),
                                 chunks=(8, 8), region="auto", memory_budget=60_000)
     assert "auto" in rep.region_choice and "region='auto' chose" in caplog.text
+    assert 0 < rep.block_bytes_max <= 60_000  # the blocks the tasks held fit the budget
     assert rep.region_chunks != (1, 1)
     lay = rep.array.attrs["qlty_gpu"]["fingerprint"]["layout"]
     assert lay["region"] == [8 * r for r in rep.region_chunks]

@@ -81,6 +81,9 @@ class DistributedReport:
         model_calls: model calls (batches) in this run.
         bytes_read / bytes_written: input read and output written by the tasks.
         scratch_written / scratch_peak: scratch bytes written in all / held at most.
+        block_bytes_max: the largest input block + 2 x accumulator block of one task
+            (accounted from the layout, the quantity ``region="auto"`` budgets; the
+            model's activations and one batch come on top).
         tasks: tasks run by kind; finished_inline: regions finished by their own task.
         max_in_flight: most tasks submitted at once (the graph size bound).
         seconds: wall time of the run.
@@ -101,6 +104,7 @@ class DistributedReport:
     bytes_written: int = 0
     scratch_written: int = 0
     scratch_peak: int = 0
+    block_bytes_max: int = 0
     tasks: dict = field(default_factory=dict)
     finished_inline: int = 0
     max_in_flight: int = 0
@@ -500,6 +504,7 @@ def _account(rep: DistributedReport, st: dict) -> None:
     rep.bytes_read += st["bytes_read"]
     rep.bytes_written += st["bytes_written"]
     rep.scratch_written += st["scratch_written"]
+    rep.block_bytes_max = max(rep.block_bytes_max, st["block_bytes"])
     w = rep.workers.setdefault(st["worker"], {"tasks": 0, "seconds": 0.0, "cpu_seconds": 0.0,
                                               "patches": 0, "model_loads": 0})
     w["tasks"] += 1

@@ -385,7 +385,7 @@ def _stats(rid, kind: str, status: str, t0: tuple, **kw: Any) -> dict:
            "pid": os.getpid(), "seconds": time.perf_counter() - t0[0],
            "cpu_seconds": time.process_time() - t0[1], "model_loads": LOADS["models"],
            "patches": 0, "model_calls": 0, "bytes_read": 0, "bytes_written": 0,
-           "scratch_written": 0, "scratch_read": 0, "scratch_deleted": 0}
+           "scratch_written": 0, "scratch_read": 0, "scratch_deleted": 0, "block_bytes": 0}
     out.update(kw)
     return out
 
@@ -465,7 +465,11 @@ def compute_task(ctx: TaskContext, payload: ModelPayload, rid: tuple, mode: str 
     written = 0
     for o, (_, t) in sorted(res.tails.items()):
         written += ctx.scratch.put(Scratch.tail_key(rid, o), t)
-    common = dict(patches=res.patches, model_calls=calls[0], bytes_read=in_bytes)
+    blk = ctx.layout.block_out(rid)
+    acc_bytes = (n1 - n0) * ctx.spec.channels * int(np.prod([hi - lo for lo, hi in blk])) * (
+        _itemsize(ctx.spec.acc_dtype))
+    common = dict(patches=res.patches, model_calls=calls[0], bytes_read=in_bytes,
+                  block_bytes=in_bytes + 2 * acc_bytes)
     if mode == "tails":
         ctx.scratch.mark(rid, b"tails")
         return _stats(rid, mode, "tails", t0, scratch_written=written, **common)
