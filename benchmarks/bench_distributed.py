@@ -33,6 +33,19 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
+class Sleepy(torch.nn.Module):
+    """Stands in for a model running on an accelerator: waits ``ms`` per call (the CPU is
+    free meanwhile, as it is while a GPU computes) and returns ``x / 2``."""
+
+    def __init__(self, ms: float) -> None:
+        super().__init__()
+        self.ms = ms
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.ms / 1e3)
+        return b * 0.5
+
+
 def make_model(width: int = 8) -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
@@ -113,6 +126,9 @@ def main() -> None:
     ap.add_argument("--step", type=int, default=24)
     ap.add_argument("--region", type=int, default=48, help="region side (output voxels)")
     ap.add_argument("--width", type=int, default=8, help="model channels")
+    ap.add_argument("--sleep-ms", type=float, default=0.0,
+                    help="use a model that waits this long per call instead of the conv "
+                         "(simulated device time: measures the executor, not CPU contention)")
     ap.add_argument("--no-csv", action="store_true")
     ap.add_argument("--dask-malloc", action="store_true",
                     help="keep Dask's default MALLOC_TRIM_THRESHOLD_=65536 in the workers")
@@ -130,7 +146,7 @@ def main() -> None:
     w = zarr.create_array(store=warm_src, shape=(1, 1, a.region, a.region, a.region),
                           chunks=(1, 1, 32, 32, 32), dtype="f4")
     w[:] = 0.5
-    model = make_model(a.width)
+    model = Sleepy(a.sleep_ms) if a.sleep_ms else make_model(a.width)
     chunk = a.region // 2
     kw = dict(window=a.window, step=a.step, chunks=(chunk,) * 3, region_chunks=2,
               batch_size=4, weight="gaussian")
@@ -144,8 +160,10 @@ def main() -> None:
         same = bool(np.array_equal(rep.array[:], ref[:]))
         results[n] = (rep, start, same)
     t1 = results[1][0].seconds
+    what = (f"simulated device model ({a.sleep_ms:g} ms per call)" if a.sleep_ms
+            else f"model Conv3d x3 width {a.width}")
     print(f"volume {a.size}^3, window {a.window}, step {a.step}, region {a.region}^3 "
-          f"({results[1][0].regions} regions), model Conv3d x3 width {a.width}, 1 thread/worker")
+          f"({results[1][0].regions} regions), {what}, 1 thread/worker")
     print(f"{'run':<14}{'wall s':>8}{'speed-up':>10}{'effic.':>8}{'patches':>9}{'calls':>7}"
           f"{'scratch MB':>12}{'peak MB':>9}{'read MB':>9}{'write MB':>9}  bits")
     print(f"{'in-process':<14}{t_inproc:8.2f}")
@@ -162,7 +180,8 @@ def main() -> None:
             print(f"    {addr}: {w['tasks']} tasks, {w['patches']} patches, busy {w['seconds']:.2f} s, "
                   f"process CPU {w['cpu_seconds']:.2f} s, model loads {w['model_loads']}")
         rows.append({"timestamp": stamp, "device": device_name(), "op": "infer_distributed",
-                     "case": f"3d_{a.size}^3_w{a.window}_s{a.step}_r{a.region}",
+                     "case": f"3d_{a.size}^3_w{a.window}_s{a.step}_r{a.region}"
+                             + (f"_sleep{a.sleep_ms:g}ms" if a.sleep_ms else f"_conv{a.width}"),
                      "provider": f"qlty_gpu[dask x{n}]", "backend": "auto",
                      "median_ms": round(rep.seconds * 1e3, 1),
                      "notes": f"speedup_vs_1={t1 / rep.seconds:.2f};eff={eff:.2f};"
