@@ -175,6 +175,7 @@ def infer(
     reduce: Reduce = None,
     out: Any = None,
     backend: Optional[str] = None,
+    client: Any = None,
     **store_options: Any,
 ) -> Any:
     """Sliding-window inference of ``model`` over ``x`` with weighted blending.
@@ -212,6 +213,11 @@ def infer(
             :func:`qlty_gpu.stream.executor.infer_to_store` for ``store_options`` such as
             ``chunks``, ``region_chunks``, ``resume``, ``overwrite``).
         backend: force a compute backend for the unstitch/stitch ops.
+        client: a ``dask.distributed.Client``: run the regions as Dask tasks on its workers
+            (needs ``out=``; ``x`` a Zarr/OME-Zarr path or array the workers can open; see
+            :func:`qlty_gpu.stream.dask_executor.infer_distributed` for ``region="auto"``,
+            ``memory_budget``, ``scratch``, ``max_in_flight``). Returns the output array;
+            its ``attrs['qlty_gpu']['report']`` holds the run's report.
 
     Returns:
         The blended result ``(N, K, *S')`` (``S' = S * scale``), a tuple or dict of them for
@@ -220,6 +226,16 @@ def infer(
     Raises:
         QltyError: bad arguments, or a model output that does not fit the window grid.
     """
+    if client is not None:
+        from .stream.dask_executor import infer_distributed
+
+        return infer_distributed(
+            model, x, window, step, client=client, out=out, batch_size=batch_size,
+            weight=weight, sigma=sigma, border=border, border_weight=border_weight,
+            device=device, accumulate_device=accumulate_device, amp=amp,
+            model_dtype=model_dtype, out_dtype=out_dtype, pad_last_batch=pad_last_batch,
+            progress=progress, grad=grad, reduce=reduce, backend=backend, **store_options,
+        ).array
     if out is None and not isinstance(x, (torch.Tensor, np.ndarray)):
         from .stream.ome_io import open_input
         from .stream.sources import as_source

@@ -96,7 +96,35 @@ def add_infer_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue a killed run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                   help="run the regions on a Dask cluster (e.g. tcp://host:8786); IN, OUT "
+                        "and MODEL must be on storage every worker reaches")
     p.set_defaults(func=run_infer)
+
+
+def _script_factory(path: str) -> Any:
+    """Zero-argument factory shipped to Dask workers for a TorchScript MODEL."""
+    model = load_model(path)
+    return model.eval() if hasattr(model, "eval") else model
+
+
+def _dask(args: argparse.Namespace) -> tuple:
+    """(client, device, model) for ``--scheduler``: the workers load MODEL themselves."""
+    import functools
+
+    from .errors import require
+
+    distributed = require("distributed", "dask")
+    if not os.path.isfile(args.model):
+        raise QltyError(f"MODEL {args.model!r} does not exist")
+    try:
+        client = distributed.Client(args.scheduler, timeout=30)
+    except Exception as exc:  # noqa: BLE001 - any connection failure
+        raise QltyError(f"--scheduler {args.scheduler!r}: cannot connect to a Dask scheduler "
+                        f"({type(exc).__name__}: {exc})") from exc
+    path = os.path.abspath(args.model)
+    model = path if path.endswith(".pt2") else functools.partial(_script_factory, path)
+    return client, args.device, model  # device None: each worker's GPU, else its CPU
 
 
 def run_infer(args: argparse.Namespace) -> int:
@@ -105,22 +133,31 @@ def run_infer(args: argparse.Namespace) -> int:
 
     from .infer import infer
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.model, device)
-    if isinstance(model, torch.jit.ScriptModule):
-        model.eval()  # an exported program's module keeps the mode it was exported in
+    client = None
+    if getattr(args, "scheduler", None):
+        client, device, model = _dask(args)
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(args.model, device)
+        if isinstance(model, torch.jit.ScriptModule):
+            model.eval()  # an exported program's module keeps the mode it was exported in
     out_dtype = None
     if args.out_dtype is not None:
         out_dtype = getattr(torch, args.out_dtype, None)
         if not isinstance(out_dtype, torch.dtype):
             raise QltyError(f"--out-dtype must be a torch dtype name such as float16, got {args.out_dtype!r}")
-    out = infer(
-        model, args.input, args.window, args.step, out=args.output,
-        batch_size=args.batch_size, weight=args.weight, sigma=args.sigma, reduce=args.reduce,
-        device=device, amp=args.amp, chunks=args.chunks, region_chunks=args.region_chunks,
-        out_dtype=out_dtype, pad_last_batch=not args.no_pad, resume=args.resume,
-        overwrite=args.overwrite, progress=not args.quiet,
-    )
+    try:
+        out = infer(
+            model, args.input, args.window, args.step, out=args.output,
+            batch_size=args.batch_size, weight=args.weight, sigma=args.sigma,
+            reduce=args.reduce, device=device, amp=args.amp, chunks=args.chunks,
+            region_chunks=args.region_chunks, out_dtype=out_dtype,
+            pad_last_batch=not args.no_pad, resume=args.resume, overwrite=args.overwrite,
+            progress=not args.quiet, **({"client": client} if client is not None else {}),
+        )
+    finally:
+        if client is not None:
+            client.close()
     info = dict(out.attrs).get("qlty_gpu", {})
     line = (f"{args.input} -> {args.output}: shape {tuple(out.shape)} {out.dtype}, "
             f"{info.get('patches_run', '?')} patches in {info.get('seconds', '?')} s")
