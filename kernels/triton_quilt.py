@@ -336,7 +336,7 @@ def _stitch_gather_kernel(
     BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, X_ALIGN: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_NORM: tl.constexpr, ACC_F64: tl.constexpr,
     P_BF16: tl.constexpr, P_UPCAST: tl.constexpr, OUT_BF16: tl.constexpr,
-    OUT_HALF: tl.constexpr,
+    OUT_HALF: tl.constexpr, FLAT_Z: tl.constexpr,
 ):
     """Deterministic stitch: one program owns one (BLOCK_Y, BLOCK_X) output tile.
 
@@ -349,7 +349,9 @@ def _stitch_gather_kernel(
     ``div_rn``). Then divides by ``norm`` and casts, fused. ``p_ptr`` (N*P, C, WZ, WY,
     WX) any strides; ``out_ptr`` (N, C, DZ, DY, DX) contiguous; ``w_ptr`` window-shaped and
     ``norm_ptr`` (DZ, DY, DX) contiguous in the accumulation dtype (fp64 iff ACC_F64).
-    X_ALIGN: a power of two dividing every x start (vectorised patch loads).
+    X_ALIGN: a power of two dividing every x start (vectorised patch loads). FLAT_Z: the
+    image has a single z plane (2-D data lifted to 3 axes, or a volume with DZ == 1), so
+    there is exactly one z patch, at 0 (a z *window* of 1 alone does not imply that).
     """
     pid = tl.program_id(0).to(tl.int64)
     # int32 index decomposition and patch ranges (all < 2**31; 32-bit division inlines, a
@@ -382,8 +384,8 @@ def _stitch_gather_kernel(
     # so only y and x need per-element window tests
     zero = pid * 0  # int64 scalar: widens int32 loop indices (``range`` vars take no .to())
     base_nc = n * n_patches * stride_p_m + c * stride_p_c  # scalar
-    if WZ == 1:
-        # 2-D (and 1-D) data: one z patch at 0; 0 + plane is exact, so skip the z level
+    if FLAT_Z:
+        # a single z plane: one z patch at 0; 0 + plane is exact, so skip the z level
         acc_z = _gather_plane(
             p_ptr + base_nc, w_ptr, sy_ptr, sx_ptr, 0, offs_y, offs_x, in_y, in_x,
             ky_lo, ky_hi, kx_lo, kx_hi, n_px, zero, stride_p_m, stride_p_y, stride_p_x,

@@ -180,6 +180,37 @@ def test_stitch_atomic(case, dtype):
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
 
 
+# windows of 1 and window == image on some axis (issue 8.1: a z window of 1 on 3-D data
+# was stitched as if the data were 2-D)
+DEGENERATE = [
+    ((1, 2, 3, 5, 7), (1, 4, 7), (1, 1, 7)),
+    ((1, 1, 4, 3, 5), (1, 1, 1), (1, 2, 3)),
+    ((2, 1, 3, 4, 5), (3, 1, 5), (2, 1, 1)),
+    ((1, 1, 1, 5, 6), (1, 2, 6), (1, 2, 1)),
+    ((1, 2, 5, 6), (1, 6), (2, 1)),
+]
+
+
+@pytest.mark.parametrize("shape,window,step", DEGENERATE, ids=str)
+def test_degenerate_windows_every_path(shape, window, step):
+    x = torch.randn(shape, dtype=torch.float64)
+    w, s, sp = list(window), list(step), list(shape[2:])
+    _same(q.unstitch(x, w, s, backend="triton"), q.unstitch_reference(x, w, s))
+    plan = plan_for(tuple(sp), tuple(window), tuple(step))
+    p = torch.randn(shape[0] * plan.patches_per_image, shape[1], *window, dtype=torch.float64)
+    n = plan.norm(DEV, torch.float64)
+    ref = q.stitch_reference(p, sp, s, None, n)
+    _same(q.stitch(p, sp, s, norm=n, mode="deterministic", backend="triton"), ref)
+    torch.testing.assert_close(q.stitch(p, sp, s, norm=n, mode="atomic", backend="triton"), ref,
+                               equal_nan=True)
+    # unstitch's gradient is the (deterministic) stitch: compare with the torch backend's
+    xr = x.clone().requires_grad_(True)
+    g = torch.randn_like(p)
+    (gt,) = torch.autograd.grad((q.unstitch(xr, w, s, backend="triton") * g).sum(), xr)
+    (gr,) = torch.autograd.grad((q.unstitch(xr, w, s, backend="torch") * g).sum(), xr)
+    torch.testing.assert_close(gt, gr)
+
+
 @pytest.mark.parametrize(
     "shape,window,step",
     [

@@ -600,6 +600,7 @@ def _stitch_triton(patches, shape, step, weight, norm, mode):
             HAS_WEIGHT=weight is not None, HAS_NORM=norm is not None,
             ACC_F64=acc == torch.float64, P_BF16=p_bf16, P_UPCAST=p_up,
             OUT_BF16=dst == torch.bfloat16, OUT_HALF=dst == torch.float16,
+            FLAT_Z=dz == 1,
             num_warps=warps, num_stages=1,  # 2-3 trip loops: nothing to pipeline
             enable_fp_fusion=False,  # separate mul and add, as torch: bit-identical sums
         )
