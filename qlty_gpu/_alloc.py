@@ -12,12 +12,19 @@ touch 118 MB against 6 ms for the copy). So large CPU outputs (>= 8 MiB) are
   pages, with no page faults and no compaction stalls.
 
 The pool holds at most ``QLTY_GPU_CPU_CACHE_MB`` MiB (default 1024; 0 disables pooling) of
-buffers nobody uses; ``QLTY_GPU_HUGEPAGES=0`` turns both off (plain ``torch.empty``).
-:func:`empty_cache` releases the pool.
+buffers nobody uses; ``QLTY_GPU_HUGEPAGES=0`` (or false/off/no) turns both off (plain
+``torch.empty``). A value of either variable that is not understood raises
+:class:`~qlty_gpu.errors.QltyError` naming it at the next allocation. :func:`empty_cache`
+releases the pool.
+
+Buffers come back through a finaliser, which may run inside any garbage collection, also
+one that starts while this module holds its lock: finalisers therefore never wait for the
+lock (see ``_drain``). The lock is re-created in a forked child.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import mmap
 import os
@@ -27,63 +34,155 @@ import weakref
 import numpy as np
 import torch
 
+from .errors import QltyError
+
 __all__ = ["empty_cpu", "zeros_cpu", "empty_cache", "cached_bytes"]
 
 _HUGE = 2 << 20
 _MIN_BYTES = 8 << 20
 _CAN = hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_PRIVATE")
+ENV_HUGEPAGES = "QLTY_GPU_HUGEPAGES"
+ENV_CACHE_MB = "QLTY_GPU_CPU_CACHE_MB"
+_TRUE = ("1", "true", "on", "yes")
+_FALSE = ("0", "false", "off", "no")
+
+# The pool. Finalisers never block on _LOCK: a garbage collection can run a finaliser at any
+# allocation, including one made while this very thread holds the lock (issue 8.15: that
+# deadlocked). A finaliser appends its mapping to _RETURNED (a deque: append/popleft are
+# atomic) and files it only if it gets the lock without waiting; whoever holds the lock
+# drains _RETURNED again after letting go, so nothing is left behind.
 _LOCK = threading.Lock()
 _POOL: dict[int, list[mmap.mmap]] = {}
 _POOLED = 0
+_RETURNED: collections.deque = collections.deque()
+
+
+def _after_fork_in_child() -> None:
+    """A fork while another thread held the lock would leave the child's copy held forever."""
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _env_switch(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise QltyError(
+        f"environment variable {name}={raw!r} is not understood; expected one of "
+        f"{_TRUE + _FALSE} (case-insensitive)"
+    )
+
+
+def _env_cache_mb() -> int:
+    raw = os.environ.get(ENV_CACHE_MB)
+    if raw is None or raw.strip() == "":
+        return 1024
+    try:
+        mb = int(raw.strip())
+    except ValueError:
+        mb = -1
+    if mb < 0:
+        raise QltyError(
+            f"environment variable {ENV_CACHE_MB}={raw!r} is not understood; expected a whole "
+            f"number of MiB >= 0 (0 disables the pool), such as 1024"
+        )
+    return mb
+
+
+def _check_env() -> None:
+    """Raise :class:`QltyError` naming a ``QLTY_GPU_*`` allocator variable with a bad value."""
+    _env_switch(ENV_HUGEPAGES, True)
+    _env_cache_mb()
 
 
 def _enabled() -> bool:
-    return _CAN and os.environ.get("QLTY_GPU_HUGEPAGES", "1") not in ("0", "false", "off")
+    return _CAN and _env_switch(ENV_HUGEPAGES, True)
 
 
 def _cap_bytes() -> int:
+    """Pool cap; a bad value (reported by the next allocation) pools nothing."""
     try:
-        return max(0, int(os.environ.get("QLTY_GPU_CPU_CACHE_MB", "1024"))) << 20
-    except ValueError:
-        return 1024 << 20
+        return _env_cache_mb() << 20
+    except QltyError:
+        return 0
+
+
+def _drain() -> None:
+    """File returned mappings into the pool (those over the cap are unmapped)."""
+    global _POOLED
+    while _RETURNED:
+        if not _LOCK.acquire(blocking=False):
+            return  # the holder drains after releasing (see above)
+        dropped = []
+        try:
+            cap = _cap_bytes()
+            while True:
+                try:
+                    mm = _RETURNED.popleft()
+                except IndexError:
+                    break
+                size = len(mm)
+                if _POOLED + size <= cap:
+                    _POOL.setdefault(size, []).append(mm)
+                    _POOLED += size
+                else:
+                    dropped.append(mm)
+        finally:
+            _LOCK.release()
+        del dropped  # unmapped here, outside the lock
 
 
 def _give_back(mm: mmap.mmap) -> None:
     """Finaliser of a buffer's array: keep the mapping for reuse while under the cap."""
-    global _POOLED
-    size = len(mm)
-    with _LOCK:
-        if _POOLED + size <= _cap_bytes():
-            _POOL.setdefault(size, []).append(mm)
-            _POOLED += size
-    # otherwise the last reference goes away here and the mapping is unmapped
+    _RETURNED.append(mm)
+    _drain()
 
 
 def _take(size: int) -> mmap.mmap | None:
     global _POOLED
+    _drain()
+    mm = None
     with _LOCK:
         bucket = _POOL.get(size)
         if bucket:
             _POOLED -= size
-            return bucket.pop()
-    return None
+            mm = bucket.pop()
+    _drain()  # what finalisers returned while we held the lock
+    return mm
 
 
 def empty_cache() -> None:
     """Release every pooled CPU buffer to the operating system."""
     global _POOLED
+    _drain()
     with _LOCK:
+        released = list(_POOL.values())
         _POOL.clear()
         _POOLED = 0
+    del released  # unmapped outside the lock
+    _drain()
+    with _LOCK:  # mappings returned meanwhile go too
+        _RETURNED.clear()
 
 
 def cached_bytes() -> int:
     """Bytes held by the pool (buffers no tensor uses)."""
+    _drain()
     return _POOLED
 
 
 def _alloc(shape, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
     """(tensor, True if its memory is known to be zero-filled)."""
+    _check_env()
     shape = tuple(int(s) for s in shape)
     itemsize = torch.empty((), dtype=dtype).element_size()
     nbytes = math.prod(shape) * itemsize

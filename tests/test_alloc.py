@@ -1,6 +1,7 @@
 """Pooled huge-page CPU output buffers (qlty_gpu._alloc)."""
 
 import gc
+import os
 import pickle
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from qlty_gpu import _alloc
+from qlty_gpu.errors import QltyError
 
 BIG = (1 << 22,)  # 16 MiB of float32: above the 8 MiB threshold
 
@@ -100,3 +102,167 @@ def test_spawned_dataloader_workers_return_pooled_outputs(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "ok 2" in proc.stdout, proc.stderr[-1500:]
+
+
+# ------------------------------------------------------------ issue 8.15: no deadlock
+def _run_script(tmp_path, name: str, body: str, timeout: float = 120) -> None:
+    """Run ``body`` in a fresh interpreter; a hang fails the test instead of hanging it."""
+    script = tmp_path / name
+    script.write_text(body)
+    try:
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{name} hung for {timeout} s (deadlock): {exc.stdout!r} {exc.stderr!r}")
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+_GC_UNDER_LOCK = '''
+import gc, threading, torch
+from qlty_gpu import _alloc
+
+class GCLock:
+    """The pool's lock, with a garbage collection right after every acquisition: what
+    happens when an allocation inside the locked region trips the collector."""
+    def __init__(self, inner):
+        self.inner = inner
+        self.collections = 0
+    def acquire(self, blocking=True, timeout=-1):
+        got = self.inner.acquire(blocking, timeout)
+        if got:
+            self.collections += 1
+            gc.collect()
+        return got
+    def release(self):
+        self.inner.release()
+    def __enter__(self):
+        self.acquire()
+        return self
+    def __exit__(self, *exc):
+        self.release()
+
+lock = _alloc._LOCK = GCLock(_alloc._LOCK)
+BIG = (1 << 22,)
+gc.disable()
+a = _alloc.empty_cpu(BIG, torch.float32)
+b = _alloc.empty_cpu(BIG, torch.float32)
+cycle = [b]
+cycle.append(cycle)  # b is freed by the collector only
+del b, cycle
+del a  # a's finaliser takes the lock; the collection under it frees b: b's finaliser runs
+assert lock.collections > 0
+n = _alloc.cached_bytes()
+assert n >= 2 * 16 * 2**20, n  # both buffers were pooled, none lost
+c = _alloc.empty_cpu(BIG, torch.float32)
+d = _alloc.empty_cpu(BIG, torch.float32)
+assert _alloc.cached_bytes() == 0, _alloc.cached_bytes()  # both reused
+print("ok")
+'''
+
+
+def test_gc_inside_the_pool_lock_does_not_deadlock(tmp_path):
+    """Issue 8.15: a finaliser run by a collection under the lock took the same lock."""
+    _run_script(tmp_path, "gc_under_lock.py", _GC_UNDER_LOCK)
+
+
+def test_threads_and_collections_return_every_buffer(tmp_path):
+    """Threads allocate and free pooled buffers, some through reference cycles, with the
+    collector running constantly: nothing hangs, and the pool stays within its cap."""
+    _run_script(tmp_path, "threads.py", '''
+import gc, os, threading, torch
+os.environ["QLTY_GPU_CPU_CACHE_MB"] = "64"
+from qlty_gpu import _alloc
+gc.set_threshold(5, 2, 2)
+def work(seed):
+    g = torch.Generator().manual_seed(seed)
+    for i in range(30):
+        n = int(torch.randint(1 << 21, 1 << 22, (1,), generator=g))
+        t = _alloc.empty_cpu((n,), torch.float32)
+        t[:10] = seed
+        if i % 3 == 0:
+            c = [t]
+            c.append(c)
+        del t
+threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+for th in threads:
+    th.start()
+for th in threads:
+    th.join()
+gc.collect()
+assert 0 < _alloc.cached_bytes() <= 64 << 20, _alloc.cached_bytes()
+_alloc.empty_cache()
+assert _alloc.cached_bytes() == 0
+print("ok")
+''')
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_pool_lock_is_recreated_after_fork(tmp_path):
+    """A fork while another thread holds the pool lock: the child still allocates/frees."""
+    _run_script(tmp_path, "fork.py", '''
+import os, signal, threading, time, torch
+from qlty_gpu import _alloc
+BIG = (1 << 22,)
+held, done = threading.Event(), threading.Event()
+def holder():
+    with _alloc._LOCK:
+        held.set()
+        done.wait()
+th = threading.Thread(target=holder)
+th.start()
+held.wait()
+pid = os.fork()
+if pid == 0:
+    signal.alarm(60)  # never outlive the test if the lock hangs
+    try:
+        t = _alloc.empty_cpu(BIG, torch.float32)
+        t.fill_(1)
+        del t
+        ok = _alloc.cached_bytes() > 0
+        u = _alloc.empty_cpu(BIG, torch.float32)
+        ok = ok and _alloc.cached_bytes() == 0
+        os._exit(0 if ok else 3)
+    except BaseException:
+        os._exit(4)
+for _ in range(450):
+    got, status = os.waitpid(pid, os.WNOHANG)
+    if got:
+        break
+    time.sleep(0.1)
+else:
+    os.kill(pid, 9)
+    raise SystemExit("child hung on the pool lock inherited from the fork")
+done.set()
+th.join()
+assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+print("ok")
+''')
+
+
+# ------------------------------------------------------------ issue 8.17: env values
+@pytest.mark.parametrize(
+    "var,value",
+    [("QLTY_GPU_HUGEPAGES", "flase"), ("QLTY_GPU_HUGEPAGES", "2"),
+     ("QLTY_GPU_CPU_CACHE_MB", "1GB"), ("QLTY_GPU_CPU_CACHE_MB", "-5")],
+)
+@pytest.mark.parametrize("size", [BIG, (10, 10)])
+def test_misspelled_env_values_raise_naming_the_variable(monkeypatch, var, value, size):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(QltyError, match=var):
+        _alloc.empty_cpu(size, torch.float32)
+
+
+@pytest.mark.parametrize("value", ["0", "false", "Off", " no ", "FALSE"])
+def test_hugepages_off_spellings(monkeypatch, value):
+    monkeypatch.setenv("QLTY_GPU_HUGEPAGES", value)
+    t, fresh = _alloc._alloc(BIG, torch.float32)
+    del t
+    assert not fresh and _alloc.cached_bytes() == 0
+
+
+@pytest.mark.parametrize("value", ["1", "true", "On", "yes", ""])
+def test_hugepages_on_spellings(monkeypatch, value):
+    monkeypatch.setenv("QLTY_GPU_HUGEPAGES", value)
+    t = _alloc.empty_cpu(BIG, torch.float32)
+    del t
+    assert _alloc.cached_bytes() > 0 or not _alloc._CAN
