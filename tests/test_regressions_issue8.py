@@ -198,7 +198,7 @@ def _try_edit(t: torch.Tensor) -> None:
     "method",
     [
         pytest.param(m, marks=_xfail("4", f"QuiltPlan.{m}() hands out its cached tensor"))
-        for m in ("norm", "weight", "origins")
+        for m in ("norm", "weight", "origins", "border_mask")
     ],
 )
 def test_4_plan_tables_survive_user_edits(method):
@@ -526,6 +526,23 @@ def test_17_awkward_numpy_arrays_to_the_quilt(kind, method):
 def test_17_ops_unstitch_bad_arguments_raise_qlty_error(kwargs, name):
     with pytest.raises(QltyError, match=name):
         unstitch(torch.randn(1, 1, 9, 11), (3, 4), (2, 3), **kwargs)
+
+
+@_xfail("17", "weight=[[1]] at the ops level gives AttributeError")
+def test_17_ops_weight_as_nested_list_exact_case():
+    with pytest.raises(QltyError, match="weight"):
+        unstitch(torch.randn(1, 1, 4, 4), (1, 1), (1, 1), weight=[[1]])
+
+
+@_xfail("17", "backend=1 through the quilts gives a raw RuntimeError")
+@pytest.mark.parametrize("method", ["unstitch", "stitch"])
+def test_17_quilt_backend_not_a_string(method):
+    q = NCYXQuilt(9, 11, (3, 4), (2, 3), border=None)
+    with pytest.raises(QltyError, match="backend"):
+        if method == "unstitch":
+            q.unstitch(torch.randn(1, 1, 9, 11), backend=1)
+        else:
+            q.stitch(torch.randn(q.plan.patches_per_image, 1, 3, 4), backend=1)
 
 
 @_xfail("17", "ops-level bad arguments give AttributeError/RuntimeError")
