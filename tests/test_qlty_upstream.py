@@ -78,7 +78,6 @@ PENDING = {
     "test_qlty2DLarge_coverage.py": "Large quilts (issue 10)",
     "test_qlty3DLarge_coverage.py": "Large quilts (issue 10)",
     "test_qlty_large.py": "Large quilts (issue 10)",
-    "test_stitch_parallel.py": "qlty2D numba internals shim (issue 9)",
 }
 
 # "file::test" (parametrised ids included) -> why it is expected to fail against qlty_gpu.
