@@ -9,7 +9,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.qlty_gpu-installed
 
-.PHONY: demo test bench lint clean venv triton-matrix
+.PHONY: demo test test-fast bench lint clean venv triton-matrix
 
 venv: $(STAMP)
 
@@ -25,6 +25,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# the development lane: everything except tests marked slow (wheel build, AOT kernel
+# compiles, subprocess tests); `make test` (CI) runs them all
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_roundtrip.py

@@ -1,7 +1,7 @@
 """Compile-time truth for real GPUs, without one: registers, spills, shared memory and
 16-byte vectorisation of every Triton kernel variant the ops layer launches.
 
-The launches are captured from the real ops code (``_unstitch_triton`` / ``_stitch_triton``
+The launches are captured from the real ops code (``ops/quilt_triton.py``'s launchers
 with a recording stand-in for the kernel module), so the signatures, specialisations
 (``tt.divisibility=16`` on 16-aligned pointers and ints, ``1`` folded to a constant, as the
 JIT does) and constexprs are exactly those of a launch on a CUDA device with the same
@@ -38,7 +38,7 @@ REG_BUDGET = 64
 
 
 class _Recorder:
-    """Stands in for ``qlty_gpu.kernels.triton_quilt``: records each ``kernel[grid](...)``."""
+    """Stands in for ``qlty_gpu.kernels.quilt_triton``: records each ``kernel[grid](...)``."""
 
     def __init__(self):
         self.launches = []
@@ -60,12 +60,24 @@ def capture_launches() -> list:
     """(label, kernel name, grid, args, kwargs) of the launches for the standard cases."""
     import torch
 
-    from qlty_gpu.geometry import QuiltPlan
-    from qlty_gpu.ops import quilt as q
+    from qlty_gpu.geometry import QuiltPlan, plan_for
+    from qlty_gpu.ops import quilt_triton as qt
 
     rec = _Recorder()
-    orig = q._triton_kernels
-    q._triton_kernels = lambda: rec
+    orig = qt._kernels
+    qt._kernels = lambda: rec
+
+    def unstitch(x, window, step, weight, out_dtype, fill_mask, fill_value, positions,
+                 normalize):
+        plan = plan_for(tuple(x.shape[2:]), tuple(window), tuple(step))
+        qt.launch_unstitch(x, plan=plan, weight=weight, out_dtype=out_dtype or x.dtype,
+                           fill_mask=fill_mask, fill_value=fill_value, positions=positions,
+                           normalize_positions=normalize)
+
+    def stitch(patches, shape, step, weight, norm, mode):
+        plan = plan_for(tuple(shape), tuple(patches.shape[2:]), tuple(step))
+        qt.launch_stitch(patches, plan=plan, weight=weight, norm=norm, mode=mode)
+
     out = []
     try:
         def grab(label, fn, *a):
@@ -81,30 +93,30 @@ def capture_launches() -> list:
         x3 = torch.empty(1, 2, 128, 128, 128)
         p3 = QuiltPlan((128, 128, 128), 32, 16)
         win2, st2, win3, st3 = [64, 64], [32, 32], [32, 32, 32], [16, 16, 16]
-        grab("unstitch 2d fp32", q._unstitch_triton, x2, win2, st2, None, None, None, 0.0, "",
+        grab("unstitch 2d fp32", unstitch, x2, win2, st2, None, None, None, 0.0, "",
              True)
-        grab("unstitch 2d fp32 weight+fill+pos", q._unstitch_triton, x2, win2, st2, w2, None,
+        grab("unstitch 2d fp32 weight+fill+pos", unstitch, x2, win2, st2, w2, None,
              m2, -1.0, "absolute", True)
-        grab("unstitch 2d bf16->fp32", q._unstitch_triton, x2.bfloat16(), win2, st2, None,
+        grab("unstitch 2d bf16->fp32", unstitch, x2.bfloat16(), win2, st2, None,
              torch.float32, None, 0.0, "", True)
-        grab("unstitch 3d fp32", q._unstitch_triton, x3, win3, st3, None, None, None, 0.0, "",
+        grab("unstitch 3d fp32", unstitch, x3, win3, st3, None, None, None, 0.0, "",
              True)
         pt2 = torch.empty(4 * p2.patches_per_image, 8, 64, 64)
         pt3 = torch.empty(p3.patches_per_image, 2, 32, 32, 32)
         n2, n3 = p2.norm(), p3.norm()
         for mode in ("deterministic", "atomic"):
-            grab(f"stitch 2d fp32 {mode}", q._stitch_triton, pt2, [512, 512], st2, w2, n2, mode)
-            grab(f"stitch 3d fp32 {mode}", q._stitch_triton, pt3, [128] * 3, st3, None, n3, mode)
-        grab("stitch 2d fp16 deterministic", q._stitch_triton, pt2.half(), [512, 512], st2, w2,
+            grab(f"stitch 2d fp32 {mode}", stitch, pt2, [512, 512], st2, w2, n2, mode)
+            grab(f"stitch 3d fp32 {mode}", stitch, pt3, [128] * 3, st3, None, n3, mode)
+        grab("stitch 2d fp16 deterministic", stitch, pt2.half(), [512, 512], st2, w2,
              n2, "deterministic")
-        grab("stitch 3d fp64 deterministic", q._stitch_triton, pt3.double(), [128] * 3, st3,
+        grab("stitch 3d fp64 deterministic", stitch, pt3.double(), [128] * 3, st3,
              None, n3.double(), "deterministic")
-        grab("stitch 2d bf16 atomic", q._stitch_triton, pt2.bfloat16(), [512, 512], st2, w2, n2,
+        grab("stitch 2d bf16 atomic", stitch, pt2.bfloat16(), [512, 512], st2, w2, n2,
              "atomic")
-        grab("unstitch 3d fp16 relative pos", q._unstitch_triton, x3.half(), win3, st3, None,
+        grab("unstitch 3d fp16 relative pos", unstitch, x3.half(), win3, st3, None,
              None, None, 0.0, "relative", True)
     finally:
-        q._triton_kernels = orig
+        qt._kernels = orig
     return out
 
 
@@ -163,7 +175,7 @@ def _tool(name: str) -> str:
 def compile_variant(name, args, kwargs, cc: int) -> dict:
     """Compile one launch for ``sm_<cc>``; registers, spills, shared memory, vector widths."""
     import triton
-    from qlty_gpu.kernels import triton_quilt as tk
+    from qlty_gpu.kernels import quilt_triton as tk
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 

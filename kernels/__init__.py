@@ -1,5 +1,8 @@
 """Device code only (installed as ``qlty_gpu.kernels``).
 
-Numba CPU kernels (``numba_quilt``) and Triton kernels (``triton_quilt``). Nothing here
-imports torch or qlty_gpu, allocates outputs or registers ops: the ops layer does that.
+One file per op family and implementation, paired with its launcher in ``qlty_gpu/ops/``:
+``quilt_numba`` (numba CPU kernels) <-> ``ops/quilt_numba.py``, ``quilt_triton`` (Triton
+kernels) <-> ``ops/quilt_triton.py``. Nothing here imports torch or qlty_gpu, allocates
+outputs or registers ops: the ops layer does that. (``numba_quilt`` / ``triton_quilt`` are
+the old module names, kept importable.)
 """

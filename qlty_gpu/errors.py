@@ -8,6 +8,10 @@ written against qlty keeps catching it.
 
 from __future__ import annotations
 
+from typing import NoReturn
+
+import torch
+
 __all__ = [
     "QltyError",
     "QltyTypeError",
@@ -15,6 +19,7 @@ __all__ = [
     "QltyBackendError",
     "QltyDependencyError",
     "describe",
+    "fail",
 ]
 
 
@@ -45,6 +50,40 @@ def describe(value: object) -> str:
         return f"{type(value).__name__} of shape {tuple(shape)} and dtype {value.dtype}"
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def fail(cls: type[BaseException], message: str) -> NoReturn:
+    """Raise ``cls(message)``, also from code traced by ``torch.compile(fullgraph=True)``.
+
+    A plain ``raise`` inside traced code reaches the caller as dynamo's ``Unsupported``
+    error with our message buried in its debug context. Under tracing, this raises an
+    exception that is a ``cls`` *and* an ``AssertionError``, which dynamo lets through
+    unchanged, so ``except QltyError`` still catches it and ``str(err)`` is our message.
+
+    Example:
+        >>> fail(QltyError, "window must be positive")
+        Traceback (most recent call last):
+        ...
+        qlty_gpu.errors.QltyError: window must be positive
+    """
+    if torch.compiler.is_compiling():
+        _raise_while_tracing(cls, message)
+    raise cls(message)
+
+
+_TRACEABLE: dict = {}
+
+
+@torch._dynamo.assume_constant_result
+def _raise_while_tracing(cls: type[BaseException], message: str) -> NoReturn:
+    """Runs eagerly while dynamo traces (not traced itself): raise the pass-through twin."""
+    twin = cls
+    if not issubclass(cls, AssertionError):
+        twin = _TRACEABLE.get(cls)
+        if twin is None:
+            twin = type(cls.__name__, (cls, AssertionError), {"__module__": cls.__module__})
+            _TRACEABLE[cls] = twin
+    raise twin(message)
 
 
 def require(module: str, extra: str):

@@ -257,105 +257,108 @@ class QuiltPlan:
         out.append(index)
         return tuple(reversed(out))
 
-    def origin(self, index: int) -> tuple[int, ...]:
-        """Spatial start of flat patch ``index`` (image number not included)."""
-        grid = self.unravel(index)[1:]
-        return tuple(st[g] for st, g in zip(self.starts, grid))
-
     def covering(self, axis: int, i: int) -> tuple[int, ...]:
         """Indices (along ``axis``) of the patches whose window covers pixel ``i``."""
         w = self.window[axis]
         return tuple(k for k, s in enumerate(self.starts[axis]) if s <= i < s + w)
 
-    @property
-    def max_cover(self) -> tuple[int, ...]:
-        """Largest number of patches covering one pixel, per axis."""
-        return tuple(
-            _max_cover(d, w, s) for d, w, s in zip(self.shape, self.window, self.step)
-        )
-
     # ----------------------------------------------------------- device data
-    def _cached(self, key, make):
-        hit = self._cache.get(key)
-        if hit is None:
-            hit = make()
-            self._cache[key] = hit
-        return hit
-
+    # Public accessors hand out copies (an in-place edit by the caller must not corrupt
+    # later stitches); the ops layer reads the cached tables through ``device_cached``.
     def origins(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """int64 ``(P, ndim)`` table of patch starts for one image, in patch order."""
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-
-        def make():
-            grids = torch.meshgrid(
-                *[torch.tensor(s, dtype=torch.int64) for s in self.starts], indexing="ij"
-            )
-            return torch.stack([g.reshape(-1) for g in grids], dim=1).to(dev)
-
-        return self._cached(("origins", dev), make)
+        """int64 ``(P, ndim)`` table of patch starts for one image, in patch order (a copy)."""
+        return device_cached(self, "origins", _dev(device)).clone()
 
     def axis_index(self, axis: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """int64 ``(n * w,)`` of ``start_k + j`` for patch k, offset j along one axis."""
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-
-        def make():
-            st = torch.tensor(self.starts[axis], dtype=torch.int64)
-            return (st[:, None] + torch.arange(self.window[axis])[None, :]).reshape(-1).to(dev)
-
-        return self._cached(("axis_index", axis, dev), make)
+        """int64 ``(n * w,)`` of ``start_k + j`` for patch k, offset j along one axis (a copy)."""
+        return device_cached(self, "axis_index", _dev(device), None, axis).clone()
 
     def border_mask(
         self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
         """Window-shaped mask: 1 in the interior, 0 in the border (all ones without border)."""
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-
-        def make():
-            m = torch.ones(self.window, dtype=dtype)
-            if self.border is not None:
-                m.zero_()
-                m[self._interior()] = 1
-            return m.to(dev)
-
-        return self._cached(("border_mask", dev, dtype), make)
+        return device_cached(self, "border_mask", _dev(device), dtype).clone()
 
     def weight(
         self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        """Window-shaped weight map: 1 inside, ``border_weight`` in the border."""
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-
-        def make():
-            if self.border is None:
-                return torch.ones(self.window, dtype=dtype, device=dev)
-            w = torch.full(self.window, self.border_weight, dtype=torch.float64)
-            w[self._interior()] = 1.0
-            return w.to(dtype=dtype, device=dev)
-
-        return self._cached(("weight", dev, dtype), make)
+        """Window-shaped weight map: 1 inside, ``border_weight`` in the border (a copy)."""
+        return device_cached(self, "weight", _dev(device), dtype).clone()
 
     def norm(
-        self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+        self,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Spatial-shaped sum of the weights of every patch covering each pixel.
+        """Spatial-shaped sum of the weights of every patch covering each pixel (a copy).
 
         Zero where no patch covers a pixel (step > window). The same for every image.
+
+        Args:
+            device: where the result lives (CPU by default).
+            dtype: its dtype.
+            weight: a custom window-shaped weight map (e.g. an edited ``quilt.weight``);
+                ``None`` uses the plan's own map (cached). A custom map is summed in
+                float64 on its own device, then cast, and is not cached.
         """
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if weight is None:
+            return device_cached(self, "norm", _dev(device), dtype).clone()
+        if tuple(weight.shape) != self.window:
+            raise QltyError(
+                f"weight must have the window shape {self.window}, got shape "
+                f"{tuple(weight.shape)}"
+            )
+        return self._norm_of(weight.to(torch.float64)).to(device=_dev(device), dtype=dtype)
 
-        def make():
-            # separable scatter of the tiled weight map, the same way the stitch reference sums
-            blocks = self.weight("cpu", torch.float64).repeat(*self.counts)
-            for ax in reversed(range(self.ndim)):
-                shp = list(blocks.shape)
-                shp[ax] = self.shape[ax]
-                blocks = torch.zeros(shp, dtype=torch.float64).index_add_(
-                    ax, self.axis_index(ax), blocks
-                )
-            acc = blocks
-            return acc.to(dtype=dtype, device=dev)
+    def _norm_of(self, weight: torch.Tensor) -> torch.Tensor:
+        """Separable scatter of the tiled weight map, the way the stitch reference sums."""
+        blocks = weight.repeat(*self.counts)
+        for ax in reversed(range(self.ndim)):
+            shp = list(blocks.shape)
+            shp[ax] = self.shape[ax]
+            idx = device_cached(self, "axis_index", blocks.device, None, ax)
+            blocks = blocks.new_zeros(shp).index_add_(ax, idx, blocks)
+        return blocks
 
-        return self._cached(("norm", dev, dtype), make)
+    # makers of the cached tables (called once per key by ``device_cached``)
+    def _make_origins(self, device, dtype, *extra) -> torch.Tensor:
+        grids = torch.meshgrid(
+            *[torch.tensor(s, dtype=torch.int64) for s in self.starts], indexing="ij"
+        )
+        return torch.stack([g.reshape(-1) for g in grids], dim=1).to(device)
+
+    def _make_axis_index(self, device, dtype, axis) -> torch.Tensor:
+        st = torch.tensor(self.starts[axis], dtype=torch.int64)
+        return (st[:, None] + torch.arange(self.window[axis])[None, :]).reshape(-1).to(device)
+
+    def _make_border_mask(self, device, dtype) -> torch.Tensor:
+        m = torch.ones(self.window, dtype=dtype)
+        if self.border is not None:
+            m.zero_()
+            m[self._interior()] = 1
+        return m.to(device)
+
+    def _make_weight(self, device, dtype) -> torch.Tensor:
+        w = torch.ones(self.window, dtype=torch.float64)
+        if self.border is not None:
+            w.fill_(self.border_weight)
+            w[self._interior()] = 1.0
+        return w.to(dtype=dtype, device=device)
+
+    def _make_norm(self, device, dtype) -> torch.Tensor:
+        w = device_cached(self, "weight", torch.device("cpu"), torch.float64)
+        return self._norm_of(w).to(dtype=dtype, device=device)
+
+    def _make_starts(self, device, dtype, ndim) -> tuple:
+        """Per-axis int64 start tables padded with leading ``(0,)`` axes to ``ndim`` axes."""
+        pad = [(0,)] * (ndim - self.ndim)
+        return tuple(torch.tensor(s, dtype=torch.int64).to(device) for s in (*pad, *self.starts))
+
+    def _make_starts_numpy(self, device, dtype, ndim) -> tuple:
+        """Like ``_make_starts`` as numpy int64 arrays (the numba kernels' start tables)."""
+        pad = [(0,)] * (ndim - self.ndim)
+        return tuple(np.asarray(s, dtype=np.int64) for s in (*pad, *self.starts))
 
     def _interior(self) -> tuple[slice, ...]:
         assert self.border is not None
@@ -364,16 +367,42 @@ class QuiltPlan:
     # ---------------------------------------------------------------- compat
     def numpy_weight(self) -> np.ndarray:
         """Weight map as float64 numpy (as the Large quilts expose it)."""
-        return self.weight("cpu", torch.float64).numpy().copy()
+        return self.weight("cpu", torch.float64).numpy()
 
 
-@lru_cache(maxsize=4096)
-def _max_cover(size: int, window: int, step: int) -> int:
-    starts = patch_starts(size, window, step)
-    cover = np.zeros(size, dtype=np.int64)
-    for s in starts:
-        cover[s : s + window] += 1
-    return int(cover.max())
+def _dev(device: torch.device | str | None) -> torch.device:
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+def device_cached(plan: QuiltPlan, name: str, device: torch.device, dtype=None, *extra):
+    """The plan's table ``name`` on ``device``/``dtype``, built once by ``plan._make_<name>``.
+
+    The one cache of every derived device table (origins, axis indices, masks, weight, norm,
+    kernel start tables). Callers must not modify the result (public accessors copy it).
+    Tables on the meta device carry no values: they are shaped like the CPU table and
+    allocated directly (a CPU -> meta copy traced by ``torch.compile`` broke inductor,
+    issue 8.16).
+
+    Example:
+        >>> plan = QuiltPlan((5, 5), 3, 2)
+        >>> device_cached(plan, "starts", torch.device("cpu"), None, 3)[0]
+        tensor([0])
+    """
+    device = torch.device(device)
+    key = (name, device, dtype, *extra)
+    hit = plan._cache.get(key)
+    if hit is None:
+        if device.type == "meta":
+            cpu = device_cached(plan, name, torch.device("cpu"), dtype, *extra)
+            hit = tuple(_meta_like(t) for t in cpu) if isinstance(cpu, tuple) else _meta_like(cpu)
+        else:
+            hit = getattr(plan, f"_make_{name}")(device, dtype, *extra)
+        plan._cache[key] = hit
+    return hit
+
+
+def _meta_like(t):
+    return torch.empty(t.shape, dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else t
 
 
 @lru_cache(maxsize=1024)

@@ -13,22 +13,38 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .errors import QltyError, QltyShapeAssertionError, QltyTypeError, describe
-from .geometry import QuiltPlan
-from .ops import quilt as ops
+from .errors import QltyError, QltyShapeAssertionError, QltyTypeError, describe, fail
+from .geometry import QuiltPlan, device_cached
+from .ops.quilt import _check_backend, _check_input, stitch_unchecked, unstitch_unchecked
+from .ops.quilt_reference import (
+    STITCH_MODES,
+    accumulation_dtype,
+    positional_dtype,
+    weighting_dtype,
+)
 
 __all__ = ["NCYXQuilt", "NCZYXQuilt"]
 
 _POSITION_MODES = ("absolute", "relative")
 
 
-def _to_tensor(name: str, value) -> tuple[torch.Tensor, bool]:
-    """Accept a torch tensor or a numpy array (returned as numpy again by unstitch)."""
+def _to_tensor(name: str, value, where: str = "quilt") -> tuple[torch.Tensor, bool]:
+    """Accept a dense torch tensor or a numpy array (returned as numpy again by unstitch).
+
+    Numpy arrays torch cannot view (negative strides, non-native byte order) are copied
+    once into a native contiguous array; object and other non-numeric arrays are refused.
+    """
     if isinstance(value, torch.Tensor):
-        return value, False
+        return _check_input(name, value, where), False
     if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biufc":
+            fail(QltyTypeError,
+                f"{name} must be a numeric array, got a numpy array of dtype {value.dtype}"
+            )
+        if not value.dtype.isnative or any(s < 0 for s in value.strides):
+            value = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("="))
         return torch.from_numpy(value), True
-    raise QltyTypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {describe(value)}")
+    fail(QltyTypeError, f"{name} must be a torch.Tensor or numpy.ndarray, got {describe(value)}")
 
 
 class _Quilt:
@@ -45,54 +61,76 @@ class _Quilt:
         self.step = self.plan.step
         self.border = self.plan.border
         self.border_weight = self.plan.border_weight
-        self._weight = self.plan.weight("cpu", torch.float32).clone()
-        self._weight_version = self._weight._version
+        self._weight = self.plan.weight("cpu", torch.float32)
+        self._weight_seen: Optional[torch.Tensor] = None  # the map _norm_cache belongs to
         self._weight_is_plan = True
         self._norm_cache: dict = {}
 
     # ------------------------------------------------------------ weight
     @property
     def weight(self) -> torch.Tensor:
-        """float32 window-shaped weight map used by :meth:`stitch` (numerator and ``norma``).
+        """float32 window-shaped weight map used by :meth:`stitch` (numerator and ``norma``)
+        and by ``unstitch(weighted=True)``.
 
         Like qlty, assigning a new map (``quilt.weight = gaussian``) or editing it in place
-        changes the stitch; both numerator and ``norma`` use it, so the mean stays exact.
+        (also through ``.numpy()`` or ``.data``) changes every later call: each call reads
+        the map as it is then. Both numerator and ``norma`` use it, so the mean stays exact.
         """
         return self._weight
 
     @weight.setter
     def weight(self, value) -> None:
         if isinstance(value, np.ndarray):
-            value = torch.from_numpy(value)
+            value = torch.from_numpy(np.ascontiguousarray(value))
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != self.plan.window:
-            raise QltyError(
+            fail(QltyError,
                 f"weight must be a tensor of the window shape {self.plan.window}, got "
                 f"{describe(value)}"
             )
         self._weight = value.detach().to(device="cpu", dtype=torch.float32).clone()
-        self._weight_version = -1  # re-examined by the next stitch
 
     def _stitch_weights(self, device, acc: torch.dtype):
-        """(weight or None, norm) for stitch; the plan's cached pair unless the map changed."""
+        """(weight or None, norm) for stitch, from the map as it is now.
+
+        Eager: the map is compared with the one the cached norms were made for (a
+        window-sized comparison, so edits through ``.numpy()``/``.data`` count too); the
+        plan's cached pair while it is the plan's own map. Under ``torch.compile`` the
+        comparison would be data-dependent, so the norm of the current map is computed in
+        the graph on every call (one single-channel separable sum; correct whatever
+        happens to the map between calls).
+        """
         w = self._weight
-        if not torch.compiler.is_compiling() and w._version != self._weight_version:
-            self._weight_version = w._version
-            self._weight_is_plan = bool(torch.equal(w, self.plan.weight("cpu", torch.float32)))
+        if torch.device(device).type == "meta":
+            # shapes only: no weight needed (a meta table made inside a traced graph breaks
+            # inductor, issue 8.16), and the norm's values do not exist
+            return None, torch.empty(self.plan.shape, dtype=acc, device="meta")
+        if torch.compiler.is_compiling():
+            wd = w.to(device=device, dtype=acc)
+            return wd, self.plan.norm(device, acc, weight=wd)
+        if self._weight_seen is None or not torch.equal(w, self._weight_seen):
+            self._weight_seen = w.clone()
+            self._weight_is_plan = bool(
+                torch.equal(w, device_cached(self.plan, "weight", torch.device("cpu"),
+                                             torch.float32))
+            )
             self._norm_cache = {}
         if self._weight_is_plan:
-            weight = self.plan.weight(device, acc) if self.border is not None else None
-            return weight, self.plan.norm(device, acc)
+            weight = (
+                device_cached(self.plan, "weight", torch.device(device), acc)
+                if self.border is not None
+                else None
+            )
+            return weight, device_cached(self.plan, "norm", torch.device(device), acc)
         key = (torch.device(device), acc)
         if key not in self._norm_cache:
             wd = w.to(device=device, dtype=acc)
-            tiled = wd.expand(self.plan.patches_per_image, 1, *self.plan.window).contiguous()
-            norm = ops.stitch(tiled, self.plan.shape, self.step)[0, 0]
-            self._norm_cache[key] = (wd, norm)
+            self._norm_cache[key] = (wd, self.plan.norm(device, acc, weight=wd))
         return self._norm_cache[key]
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_norm_cache"] = {}
+        state["_weight_seen"] = None
         return state
 
     # ------------------------------------------------------------ geometry
@@ -126,7 +164,7 @@ class _Quilt:
         axes = ", ".join(self._AXES)
         if t.dim() != want or tuple(t.shape[2:]) != self.plan.shape:
             # also an AssertionError: qlty's unstitch_data_pair asserted these shapes
-            raise QltyShapeAssertionError(
+            fail(QltyShapeAssertionError,
                 f"{name} must have shape (N, C, {axes}) with {self._spatial_text()}, got "
                 f"{describe(t)}"
             )
@@ -134,13 +172,13 @@ class _Quilt:
     def _check_patches(self, name: str, t: torch.Tensor) -> None:
         axes = ", ".join(f"w{a.lower()}" for a in self._AXES)
         if t.dim() != 2 + self.ndim or tuple(t.shape[2:]) != self.plan.window:
-            raise QltyError(
+            fail(QltyError,
                 f"{name} must have shape (M, C, {axes}) = (M, C, {', '.join(map(str, self.window))}), "
                 f"got {describe(t)}"
             )
         ppi = self.plan.patches_per_image
         if t.shape[0] % ppi != 0:
-            raise QltyShapeAssertionError(
+            fail(QltyShapeAssertionError,
                 f"{name} holds {t.shape[0]} patches, which is not a multiple of the {ppi} patches "
                 f"per image ({' x '.join(map(str, self.plan.counts))}) of this quilt"
             )
@@ -152,12 +190,6 @@ class _Quilt:
             n = torch.arange(n_img, device=device).repeat_interleave(self.plan.patches_per_image)
             org = torch.cat([n[:, None], org], dim=1)
         return org
-
-    def _positional_dtype(self, dtype: torch.dtype, normalize: bool) -> torch.dtype:
-        """qlty's promotion: normalised float32 coordinates concatenated with the data."""
-        if not normalize:
-            return dtype
-        return torch.promote_types(dtype, torch.float32)
 
     def unstitch(
         self,
@@ -181,32 +213,29 @@ class _Quilt:
             normalize_positions: scale coordinate channels (absolute: / image size;
                 relative: / (window - 1)).
             position_mode: ``"absolute"`` or ``"relative"``.
-            weighted: multiply each patch by the weight map on the way out.
+            weighted: multiply each patch by the current weight map (:attr:`weight`, as
+                stitch uses it) on the way out; products in float64 for float64 and
+                32/64-bit integer data, float32 otherwise.
             backend: force a compute backend ('triton', 'numba', 'torch').
 
         Returns:
             Patches ``(M, C, *window)`` (M = N * patches per image, N-major then z, y, x),
             and the positions if asked for.
         """
-        t, was_numpy = _to_tensor("tensor", tensor)
+        t, was_numpy = _to_tensor("tensor", tensor, "unstitch")
         self._check_images("tensor", t)
         if position_mode not in _POSITION_MODES:
-            raise QltyError(
+            fail(QltyError,
                 f"position_mode must be one of {_POSITION_MODES}, got {position_mode!r}"
             )
         positions = position_mode if add_positional_channels else ""
-        out_dtype = (
-            self._positional_dtype(t.dtype, normalize_positions) if positions else None
-        )
-        patches = ops.unstitch(
-            t,
-            self.window,
-            self.step,
-            weight=self.plan.weight(t.device, ops.accumulation_dtype(t.dtype)) if weighted else None,
-            out_dtype=out_dtype,
-            positions=positions,
-            normalize_positions=normalize_positions,
-            backend=backend,
+        out_dtype = positional_dtype(t.dtype, bool(normalize_positions)) if positions else None
+        weight = None
+        if weighted:
+            weight = self._weight.to(device=t.device, dtype=weighting_dtype(t.dtype, out_dtype))
+        patches = unstitch_unchecked(
+            t, list(self.window), list(self.step), weight, out_dtype, None, 0.0, positions,
+            bool(normalize_positions), _check_backend(backend, "unstitch"),
         )
         if was_numpy:
             patches = patches.numpy()
@@ -242,20 +271,20 @@ class _Quilt:
         Returns:
             ``(in_patches, out_patches)`` or ``(in_patches, out_patches, positions)``.
         """
-        t_in, in_numpy = _to_tensor("tensor_in", tensor_in)
-        t_out, out_numpy = _to_tensor("tensor_out", tensor_out)
+        t_in, in_numpy = _to_tensor("tensor_in", tensor_in, "unstitch_data_pair")
+        t_out, out_numpy = _to_tensor("tensor_out", tensor_out, "unstitch_data_pair")
         squeeze = t_out.dim() == 1 + self.ndim
         if squeeze:
             t_out = t_out.unsqueeze(1)
         self._check_images("tensor_in", t_in)
         self._check_images("tensor_out", t_out)
         if t_in.shape[0] != t_out.shape[0]:
-            raise QltyShapeAssertionError(
+            fail(QltyShapeAssertionError,
                 f"tensor_in and tensor_out must hold the same number of images N, got "
                 f"{t_in.shape[0]} and {t_out.shape[0]}"
             )
         res = self.unstitch(
-            tensor_in if in_numpy else t_in,
+            t_in.numpy() if in_numpy else t_in,  # numpy in, numpy out (a view, no copy)
             return_positions=return_positions,
             include_n_position=include_n_position,
             add_positional_channels=add_positional_channels,
@@ -266,11 +295,12 @@ class _Quilt:
         fill_mask = None
         fill_value = 0.0
         if missing_label is not None and self.border is not None:
-            fill_mask = self.plan.border_mask(t_out.device, torch.float32) < 0.5
+            mask = device_cached(self.plan, "border_mask", t_out.device, torch.float32)
+            fill_mask = mask < 0.5
             fill_value = _cast_label(missing_label, t_out.dtype)
-        out = ops.unstitch(
-            t_out, self.window, self.step, fill_mask=fill_mask, fill_value=fill_value,
-            backend=backend,
+        out = unstitch_unchecked(
+            t_out, list(self.window), list(self.step), None, None, fill_mask, fill_value, "",
+            True, _check_backend(backend, "unstitch_data_pair"),
         )
         if squeeze:
             out = out.squeeze(1)
@@ -313,9 +343,12 @@ class _Quilt:
             (accumulated in float32, float64 for float64); integer input gives float32. Both
             are on the input's device, and the result keeps the autograd graph.
         """
-        t, _ = _to_tensor("ml_tensor", ml_tensor)
+        t, _ = _to_tensor("ml_tensor", ml_tensor, "stitch")
         self._check_patches("ml_tensor", t)
-        acc = ops.accumulation_dtype(t.dtype)
+        mode = mode or "auto"
+        if mode not in STITCH_MODES:
+            fail(QltyError, f"mode must be one of {STITCH_MODES}, got {mode!r}")
+        acc = accumulation_dtype(t.dtype)
         if weight is None:
             weight, norm = self._stitch_weights(t.device, acc)
         else:
@@ -325,9 +358,9 @@ class _Quilt:
                                 border_weight=self.border_weight)
             norm = ww.norm(self.plan, device=t.device, dtype=acc)
             weight = None if ww.is_constant else ww.tensor(t.device, acc)
-        result = ops.stitch(
-            t, self.plan.shape, self.step, weight=weight, norm=norm, mode=mode or "auto",
-            backend=backend,
+        result = stitch_unchecked(
+            t, list(self.plan.shape), list(self.step), weight, norm, mode,
+            _check_backend(backend, "stitch"),
         )
         return result, norm.clone()  # the caller may edit norma; our cached copy stays intact
 
@@ -364,7 +397,7 @@ def _cast_label(label, dtype: torch.dtype) -> Union[float, int, bool]:
     if isinstance(label, np.generic):
         label = label.item()
     if not isinstance(label, (bool, int, float)):
-        raise QltyError(
+        fail(QltyError,
             f"missing_label must be a number representable in the target dtype {dtype}, got "
             f"{describe(label)}"
         )
@@ -372,10 +405,10 @@ def _cast_label(label, dtype: torch.dtype) -> Union[float, int, bool]:
         return torch.tensor(label).to(dtype).item()
     info = torch.iinfo(dtype)
     if isinstance(label, float) and not np.isfinite(label):
-        raise QltyError(f"missing_label {label!r} cannot be stored in an integer target ({dtype})")
+        fail(QltyError, f"missing_label {label!r} cannot be stored in an integer target ({dtype})")
     value = int(label)  # truncates toward zero like a cast: -1.7 -> -1 (qlty's behaviour)
     if not info.min <= value <= info.max:
-        raise QltyError(
+        fail(QltyError,
             f"missing_label {label!r} is out of range for the target dtype {dtype} "
             f"([{info.min}, {info.max}])"
         )

@@ -23,6 +23,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def _poisoned_empty(real):
+    def empty(shape, dtype, device):
+        t = real(shape, dtype, device)
+        if dtype.is_floating_point or dtype.is_complex:
+            return t.fill_(float("nan"))
+        return t.fill_(True if dtype == torch.bool else 123)
+
+    return empty
+
+
+@pytest.fixture(autouse=True)
+def _poison_fresh_outputs(monkeypatch):
+    """Every backend's fresh outputs start as NaN (123 for integers): an element a launcher
+    or kernel forgets to write cannot pass as a plausible value."""
+    from qlty_gpu.ops import _launch
+
+    monkeypatch.setattr(_launch, "new_empty", _poisoned_empty(_launch._empty))
+
+
 @pytest.fixture(autouse=True)
 def _no_backend_env(monkeypatch):
     """Tests choose backends explicitly; an exported QLTY_GPU_BACKEND must not leak in."""

@@ -170,11 +170,6 @@ def _params():
             marks.append(pytest.mark.skip(reason=f"backend {backend!r} cannot run here"))
         if backend == "triton":
             marks.append(pytest.mark.slow)
-        if (backend, mode, family) == ("triton", "deterministic", "3d-zwin1"):
-            marks.append(pytest.mark.xfail(
-                strict=True,
-                reason="issue 8.1: deterministic Triton stitch ignores the z patch when the "
-                "z window is 1"))
         yield pytest.param(backend, mode, family, examples, marks=marks,
                            id=f"{backend}-{mode}-{family}")
 

@@ -428,5 +428,7 @@ def test_2d_relative_channels_dtypes_match_qlty(dtype, normalize):
     kw = dict(add_positional_channels=True, position_mode="relative",
               normalize_positions=normalize)
     a, b = ours.unstitch(x, **kw), ref.unstitch(x, **kw)
+    if dtype == torch.float16 and not normalize:
+        b = b.float()  # issue 8.6: raw coordinates of half data are float32 here (exact)
     assert a.dtype == b.dtype and a.shape == b.shape
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

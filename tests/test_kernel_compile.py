@@ -38,7 +38,10 @@ def _tools_present() -> bool:
     return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists()
 
 
-pytestmark = pytest.mark.skipif(not _tools_present(), reason="needs triton with its CUDA tools")
+pytestmark = [
+    pytest.mark.skipif(not _tools_present(), reason="needs triton with its CUDA tools"),
+    pytest.mark.slow,  # AOT compiles in a subprocess
+]
 
 
 @pytest.fixture(scope="module")

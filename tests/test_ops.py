@@ -1,32 +1,39 @@
 """Op level: ``torch.ops.qlty_gpu.unstitch/stitch`` and the validated wrappers.
 
-Every CPU backend against a naive loop oracle on odd, non-dividing 2-D and 3-D shapes
-(exact where the op only moves data), backends against each other, the dot-product adjoint
-test, ``gradcheck`` in float64, ``torch.library.opcheck``, ``torch.compile(fullgraph=True)``,
-dtype/device/autograd behaviour and backend selection (``QLTY_GPU_BACKEND``).
-Triton is covered by ``tests/test_triton_kernels.py``.
+Every backend that can run here (Triton in its interpreter, tiny shapes) against the tests'
+one loop oracle (``tests/oracle.py``) on odd, non-dividing 2-D and 3-D shapes (exact where
+the op only moves data), with NaN-poisoned fresh outputs (``tests/conftest.py``); backends
+against each other, the dot-product adjoint test, ``gradcheck`` in float64,
+``torch.library.opcheck``, ``torch.compile(fullgraph=True)``, dtype/device/autograd
+behaviour, backend selection (``QLTY_GPU_BACKEND``) and the capability table: what
+``why_not`` accepts runs on that backend, what it rejects raises when forced. Triton's
+kernel-specific paths are in ``tests/test_triton_kernels.py``.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import os
 
+import oracle
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import qlty_gpu.ops.quilt as opsq
+import qlty_gpu.ops.quilt_numba as numba_impl
+import qlty_gpu.ops.quilt_reference as opsq
 from qlty_gpu.errors import QltyBackendError, QltyError
 from qlty_gpu.geometry import QuiltPlan
 from qlty_gpu.ops import available_backends, choose_backend, stitch, unstitch
 from qlty_gpu.ops.backend import BACKENDS, ENV_BACKEND, why_not
 
 CPU = torch.device("cpu")
-UNSTITCH_BACKENDS = [b for b in available_backends("unstitch") if b != "triton"]
-STITCH_BACKENDS = [b for b in available_backends("stitch") if b != "triton"]
+# every backend that runs here (Triton in its interpreter: tiny shapes only), for the
+# comparisons with the oracle; the CPU ones for the heavier tests (gradcheck, opcheck, ...)
+UNSTITCH_BACKENDS = available_backends("unstitch")
+STITCH_BACKENDS = available_backends("stitch")
+CPU_UNSTITCH_BACKENDS = [b for b in UNSTITCH_BACKENDS if b != "triton"]
+CPU_STITCH_BACKENDS = [b for b in STITCH_BACKENDS if b != "triton"]
 
 # (shape, window, step): odd, clamped, non-dividing; one with step > window (gaps)
 GEOMS = [
@@ -38,40 +45,14 @@ GEOMS = [
 GEOM_IDS = ["2d", "2d-full-y", "3d", "3d-gaps"]
 
 
-# ------------------------------------------------------------------ naive oracles
-def _starts(shape, window, step):
-    return [
-        [min(i * s, d - w) for i in range(math.ceil((d - w) / s) + 1)]
-        for d, w, s in zip(shape, window, step)
-    ]
-
-
-def _slices(origin, window):
-    return tuple(slice(o, o + w) for o, w in zip(origin, window))
-
-
+# ------------------------------------------------------------------ the loop oracle
 def oracle_unstitch(x, window, step):
-    out = []
-    for n in range(x.shape[0]):
-        for o in itertools.product(*_starts(x.shape[2:], window, step)):
-            out.append(x[(n, slice(None), *_slices(o, window))])
-    return torch.stack(out)
+    return oracle.unstitch(x, window, step)[0]
 
 
 def oracle_stitch(p, shape, step, weight=None, normalise=True):
     """float64 loop: sum of weighted patches, divided by the weight sum."""
-    window = tuple(p.shape[2:])
-    origins = list(itertools.product(*_starts(shape, window, step)))
-    n_img = p.shape[0] // len(origins)
-    w = torch.ones(window, dtype=torch.float64) if weight is None else weight.double()
-    acc = torch.zeros((n_img, p.shape[1], *shape), dtype=torch.float64)
-    nrm = torch.zeros(shape, dtype=torch.float64)
-    for n in range(n_img):
-        for i, o in enumerate(origins):
-            acc[(n, slice(None), *_slices(o, window))] += p[n * len(origins) + i].double() * w
-            if n == 0:
-                nrm[_slices(o, window)] += w
-    return (acc / nrm if normalise else acc), nrm
+    return oracle.stitch(p, shape, step, weight, normalise)
 
 
 def _rand(shape, dtype, seed=0):
@@ -82,7 +63,7 @@ def _rand(shape, dtype, seed=0):
 
 
 def _n_patches(shape, window, step):
-    return math.prod(len(s) for s in _starts(shape, window, step))
+    return len(oracle.origins(shape, window, step))
 
 
 # ------------------------------------------------------------------ unstitch
@@ -102,7 +83,7 @@ def test_unstitch_exact_vs_oracle(geom, dtype, backend):
     assert torch.equal(got, oracle_unstitch(x, window, step))
 
 
-@pytest.mark.parametrize("backend", UNSTITCH_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_UNSTITCH_BACKENDS)
 def test_unstitch_non_contiguous_inputs(backend):
     base = _rand((2, 3, 11, 13), torch.float32)
     for x in (
@@ -188,22 +169,22 @@ def test_stitch_vs_oracle(geom, weighted, backend):
 
 
 def test_backends_agree_and_are_deterministic():
-    if len(STITCH_BACKENDS) < 2:
+    if len(CPU_STITCH_BACKENDS) < 2:
         pytest.skip("only one CPU backend available")
     shape, window, step = (67, 67), (32, 32), (16, 16)
     p = _rand((2 * _n_patches(shape, window, step), 8, *window), torch.float32)
-    outs = [stitch(p, shape, step, backend=b) for b in STITCH_BACKENDS for _ in range(2)]
+    outs = [stitch(p, shape, step, backend=b) for b in CPU_STITCH_BACKENDS for _ in range(2)]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=1e-6, atol=1e-5)
     for i in range(0, len(outs), 2):  # each backend bitwise deterministic
         assert torch.equal(outs[i], outs[i + 1])
     x = _rand((2, 3, 13, 11), torch.float32)
-    us = [unstitch(x, (5, 4), (3, 3), backend=b) for b in UNSTITCH_BACKENDS]
+    us = [unstitch(x, (5, 4), (3, 3), backend=b) for b in CPU_UNSTITCH_BACKENDS]
     for u in us[1:]:
         assert torch.equal(u, us[0])
 
 
-@pytest.mark.parametrize("backend", STITCH_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_STITCH_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_stitch_accumulates_in_float32(dtype, backend):
     """Half in, half out, but summed in float32: equals the float32 stitch rounded once."""
@@ -228,8 +209,8 @@ def test_half_stitch_accumulates_in_float32(dtype, backend):
 )
 def test_stitch_output_dtype(dtype, out, backend):
     p = _rand((4, 1, 3, 3), dtype) if dtype != torch.bool else torch.ones(4, 1, 3, 3, dtype=dtype)
-    if backend == "numba" and why_not("numba", "stitch", CPU, dtype) is not None:
-        with pytest.raises(QltyBackendError, match="numba"):
+    if why_not(backend, "stitch", CPU, dtype) is not None:
+        with pytest.raises(QltyBackendError, match=backend):
             stitch(p, (5, 5), (2, 2), backend=backend)
         return
     got = stitch(p, (5, 5), (2, 2), backend=backend)
@@ -266,7 +247,7 @@ SMALL = [
 SMALL_IDS = ["2d", "3d", "3d-gaps"]
 
 
-@pytest.mark.parametrize("backend", STITCH_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_STITCH_BACKENDS)
 @pytest.mark.parametrize("geom", [SMALL[0], SMALL[2]], ids=["2d", "3d-gaps"])
 def test_gradcheck_unstitch(geom, backend):
     shape, window, step = geom
@@ -289,7 +270,7 @@ def test_gradcheck_unstitch(geom, backend):
     )
 
 
-@pytest.mark.parametrize("backend", STITCH_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_STITCH_BACKENDS)
 @pytest.mark.parametrize("geom", SMALL[:2], ids=SMALL_IDS[:2])
 def test_gradcheck_stitch(geom, backend):
     shape, window, step = geom
@@ -318,7 +299,7 @@ def test_gradgradcheck_round_trip():
     assert torch.autograd.gradgradcheck(f, (x,), fast_mode=True)
 
 
-@pytest.mark.parametrize("backend", STITCH_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_STITCH_BACKENDS)
 def test_autograd_half_grad_dtypes(backend):
     x = _rand((1, 2, 9, 10), torch.float32).to(torch.bfloat16).requires_grad_(True)
     p = unstitch(x, (4, 4), (3, 3), backend=backend)
@@ -356,7 +337,7 @@ def _opcheck_samples(backend):
     return un, st_
 
 
-@pytest.mark.parametrize("backend", STITCH_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_STITCH_BACKENDS)
 def test_opcheck(backend):
     un, st_ = _opcheck_samples(backend)
     for args in un:
@@ -451,9 +432,10 @@ def test_backend_names_and_auto_choice():
     assert BACKENDS == ("triton", "numba", "torch")
     assert "torch" in available_backends("stitch") and "torch" in available_backends("unstitch")
     auto = choose_backend("stitch", CPU, torch.float32)
-    assert auto == ("numba" if "numba" in STITCH_BACKENDS else "torch")
+    assert auto == ("numba" if "numba" in CPU_STITCH_BACKENDS else "torch")
     assert choose_backend("stitch", CPU, torch.float32, "auto") == auto
-    assert choose_backend("stitch", CPU, torch.int32) == "torch"  # numba stitch: floats only
+    # one capability table: numba stitch sums integers too (in float32)
+    assert choose_backend("stitch", CPU, torch.int32) == auto
     assert choose_backend("unstitch", torch.device("meta"), torch.float32) == "torch"
     assert choose_backend("stitch", CPU, torch.float32, "torch") == "torch"
 
@@ -465,14 +447,14 @@ def test_triton_never_chosen_implicitly_on_cpu(monkeypatch):
 
 
 def test_env_backend_routes_the_op(monkeypatch):
-    if "numba" not in STITCH_BACKENDS:
+    if "numba" not in CPU_STITCH_BACKENDS:
         pytest.skip("numba not available")
 
     def boom(*a, **k):
         raise RuntimeError("numba path taken")
 
-    monkeypatch.setattr(opsq, "_stitch_numba", boom)
-    monkeypatch.setattr(opsq, "_unstitch_numba", boom)
+    monkeypatch.setattr(numba_impl, "launch_stitch", boom)
+    monkeypatch.setattr(numba_impl, "launch_unstitch", boom)
     x = torch.randn(1, 1, 6, 6)
     monkeypatch.setenv(ENV_BACKEND, "torch")
     p = unstitch(x, (3, 3), (3, 3))
@@ -514,9 +496,9 @@ def test_forced_backend_that_cannot_run_names_reasons(monkeypatch):
     with pytest.raises(QltyBackendError, match=r"numba.*complex64"):
         unstitch(torch.ones(1, 1, 5, 5, dtype=torch.complex64), (3, 3), (2, 2))
     monkeypatch.delenv(ENV_BACKEND)
-    with pytest.raises(QltyBackendError, match=r"numba.*int64"):
-        stitch(torch.ones(4, 1, 3, 3, dtype=torch.int64), (5, 5), (2, 2), backend="numba")
-    with pytest.raises(QltyBackendError, match=r"numba unstitch does not handle torch.complex64"):
+    with pytest.raises(QltyBackendError, match=r"numba.*complex64"):
+        stitch(torch.ones(4, 1, 3, 3, dtype=torch.complex64), (5, 5), (2, 2), backend="numba")
+    with pytest.raises(QltyBackendError, match=r"numba unstitch runs .*got torch.complex64"):
         unstitch(torch.ones(1, 1, 5, 5, dtype=torch.complex64), (3, 3), (2, 2), backend="numba")
     # Triton on a CPU tensor without the interpreter: names the reason
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -593,7 +575,7 @@ def test_backends_agree_on_random_geometries(geom, n, c, weighted):
     ref_p = oracle_unstitch(x, window, step)
     y = torch.randn_like(ref_p)
     ref_s, _ = oracle_stitch(y, shape, step, w, normalise=False)
-    for b in STITCH_BACKENDS:
+    for b in CPU_STITCH_BACKENDS:
         assert torch.equal(unstitch(x, window, step, backend=b), ref_p)
         torch.testing.assert_close(stitch(y, shape, step, weight=w, backend=b), ref_s,
                                    rtol=1e-12, atol=1e-12)
@@ -628,7 +610,7 @@ def test_torch_backend_paths_and_exported_references(geom):
     torch.testing.assert_close(got, ref_s, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", STITCH_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_STITCH_BACKENDS)
 def test_large_outputs_reused_safely(backend, monkeypatch):
     """Large CPU outputs come from a reuse pool (qlty_gpu._alloc): live views must never be
     handed out again, and a reused stitch accumulator must start from zero. The size
@@ -667,7 +649,7 @@ def test_large_outputs_reused_safely(backend, monkeypatch):
     _alloc.empty_cache()
 
 
-@pytest.mark.parametrize("backend", STITCH_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_STITCH_BACKENDS)  # the interpreter is not thread-safe
 def test_concurrent_calls_from_threads(backend):
     """Ops called from several Python threads at once (data loaders, thread pools)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -697,8 +679,9 @@ def test_concurrent_calls_from_threads(backend):
     assert max(errs) < 1e-5
 
 
+@pytest.mark.slow
 def test_numba_concurrent_calls_survive_the_workqueue_layer(tmp_path):
-    if "numba" not in STITCH_BACKENDS:
+    if "numba" not in CPU_STITCH_BACKENDS:
         pytest.skip("numba not available")
     import subprocess
     import sys
@@ -739,3 +722,70 @@ def test_inference_mode_and_no_grad(backend):
     with torch.no_grad():
         y = stitch(unstitch(xg, window, step, backend=backend), shape, step, backend=backend)
     assert not y.requires_grad
+
+
+# ------------------------------------------------------------------ capability table
+_ENUM_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8,
+                torch.uint8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.bool,
+                torch.complex64, torch.float8_e4m3fn]
+_ENUM_GEOM = {1: ((7,), (3,), (2,)), 2: ((5, 4), (3, 2), (2, 3)), 3: ((3, 4, 5), (2, 3, 2),
+                                                                     (1, 2, 3))}
+
+
+def _enum_input(op, dtype, nd):
+    shape, window, step = _ENUM_GEOM[nd]
+    if op == "unstitch":
+        base = torch.randint(0, 3, (1, 2, *shape)).double()
+    else:
+        base = torch.randint(0, 3, (_n_patches(shape, window, step), 2, *window)).double()
+    return base.to(dtype), shape, window, step
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("dtype", _ENUM_DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["unstitch", "stitch"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_capability_table_is_what_runs(backend, op, dtype, nd, monkeypatch):
+    """Issue 9.1: what ``why_not`` accepts runs on that backend's launcher (instrumented),
+    and agrees with the oracle; what it rejects raises QltyBackendError when forced."""
+    from qlty_gpu.ops.quilt import IMPLEMENTATIONS
+
+    if backend == "triton" and "triton" not in UNSTITCH_BACKENDS:
+        pytest.skip("Triton cannot run here")
+    x, shape, window, step = _enum_input(op, dtype, nd)
+    ran = []
+    for name, impl in IMPLEMENTATIONS.items():
+        real = getattr(impl, f"launch_{op}")
+
+        def spy(*a, _name=name, _real=real, **k):
+            ran.append(_name)
+            return _real(*a, **k)
+
+        monkeypatch.setattr(impl, f"launch_{op}", spy)
+
+    def run():
+        if op == "unstitch":
+            return unstitch(x, window, step, backend=backend)
+        return stitch(x, shape, step, backend=backend)
+
+    reason = why_not(backend, op, CPU, dtype, nd)
+    if reason is not None:
+        with pytest.raises(QltyBackendError, match=backend):
+            run()
+        assert not ran
+        return
+    got = run()
+    assert ran == [backend]
+    plain = x.to(torch.float64) if dtype != torch.bool else x.double()
+    if op == "unstitch":
+        assert got.dtype == dtype
+        assert torch.equal(got.to(torch.float64), oracle_unstitch(plain, window, step))
+    else:
+        want, _ = oracle_stitch(plain, shape, step, normalise=False)
+        torch.testing.assert_close(got.to(torch.float64), want, rtol=0.07, atol=0.07)
+
+
+def test_capability_table_rejects_more_than_three_dims():
+    for b in BACKENDS:
+        for op in ("unstitch", "stitch"):
+            assert "1 to 3 spatial dims" in why_not(b, op, CPU, torch.float32, 4)

@@ -60,7 +60,6 @@ UPSTREAM_FILES = [
 
 # file -> the issue that builds what it tests. Remove a line when that lands.
 PENDING = {
-    "test_stitch_parallel.py": "qlty2D numba internals shim (issue 9)",
 }
 
 # "file::test" (parametrised ids included) -> why it is expected to fail against qlty_gpu.

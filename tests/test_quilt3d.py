@@ -6,9 +6,9 @@ qlty 1.5.0 does not clamp in 3-D (spec §2.4 [BUG]) and has no position options 
 
 from __future__ import annotations
 
-import itertools
 import math
 
+import oracle
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,47 +22,27 @@ BACKENDS = [b for b in available_backends("stitch") if b != "triton"]
 
 
 def _starts(d, w, s):
-    return [min(i * s, d - w) for i in range(math.ceil((d - w) / s) + 1)]
+    return oracle.starts(d, w, s)
 
 
 def _grid(q):
-    return list(itertools.product(*[_starts(d, w, s) for d, w, s in
-                                    zip((q.Z, q.Y, q.X), q.window, q.step)]))
+    return oracle.origins((q.Z, q.Y, q.X), q.window, q.step)
 
 
 def _sl(o, w):
-    return tuple(slice(a, a + k) for a, k in zip(o, w))
+    return oracle.window_slices(o, w)
 
 
 def oracle_unstitch(x, q):
-    out, pos = [], []
-    for n in range(x.shape[0]):
-        for o in _grid(q):
-            out.append(x[(n, slice(None), *_sl(o, q.window))])
-            pos.append((n, *o))
-    return torch.stack(out), torch.tensor(pos, dtype=torch.int64)
+    return oracle.unstitch(x, q.window, q.step)
 
 
 def _weight64(q):
-    W = torch.ones(q.window, dtype=torch.float64)
-    if q.border is not None:
-        W[:] = q.border_weight
-        W[tuple(slice(b, w - b) if b > 0 else slice(None) for b, w in zip(q.border, q.window))] = 1
-    return W
+    return oracle.weight_map(q.window, q.border, q.border_weight)
 
 
 def oracle_stitch(p, q):
-    W = _weight64(q)
-    grid = _grid(q)
-    n_img = p.shape[0] // len(grid)
-    acc = torch.zeros((n_img, p.shape[1], q.Z, q.Y, q.X), dtype=torch.float64)
-    norma = torch.zeros((q.Z, q.Y, q.X), dtype=torch.float64)
-    for n in range(n_img):
-        for i, o in enumerate(grid):
-            acc[(n, slice(None), *_sl(o, q.window))] += p[n * len(grid) + i].double() * W
-            if n == 0:
-                norma[_sl(o, q.window)] += W
-    return acc / norma, norma
+    return oracle.stitch(p, (q.Z, q.Y, q.X), q.step, _weight64(q))
 
 
 def test_constructor_attributes_and_defaults():

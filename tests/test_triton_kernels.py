@@ -1,8 +1,8 @@
 """Triton kernels against the torch reference, on CPU under ``TRITON_INTERPRET=1``.
 
 Every launch here is tiny (< ~200 programs): the interpreter runs each program in Python.
-Outputs are NaN-poisoned before the kernels write them (``_triton_empty`` swapped), so a
-missed element shows up; shapes are odd and do not divide by window or step, so the clamped
+Outputs are NaN-poisoned before the kernels write them (tests/conftest.py swaps
+``_launch.new_empty``), so a missed element shows up; shapes are odd and do not divide by window or step, so the clamped
 last patch and every mask is exercised. Unstitch only moves data: exact equality. The
 deterministic stitch sums in the reference's order: bit-identical too. The atomic stitch
 sums in scheduling order: 1e-5.
@@ -21,6 +21,7 @@ import torch
 
 from qlty_gpu.geometry import QuiltPlan, plan_for
 from qlty_gpu.ops import quilt as q
+from qlty_gpu.ops import quilt_triton as qt
 from qlty_gpu.ops.backend import available_backends
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,17 +39,6 @@ CASES = {
     "2d": ((2, 3, 13, 11), (5, 4), (3, 3)),
     "3d": ((1, 2, 7, 9, 6), (3, 4, 4), (2, 3, 3)),
 }
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    """Every Triton output starts as NaN (or a sentinel for integers)."""
-
-    def empty(shape, dtype, device):
-        t = torch.empty(shape, dtype=dtype, device=device)
-        return t.fill_(float("nan") if dtype.is_floating_point else 123)
-
-    monkeypatch.setattr(q, "_triton_empty", empty)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -180,6 +170,37 @@ def test_stitch_atomic(case, dtype):
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
 
 
+# windows of 1 and window == image on some axis (issue 8.1: a z window of 1 on 3-D data
+# was stitched as if the data were 2-D)
+DEGENERATE = [
+    ((1, 2, 3, 5, 7), (1, 4, 7), (1, 1, 7)),
+    ((1, 1, 4, 3, 5), (1, 1, 1), (1, 2, 3)),
+    ((2, 1, 3, 4, 5), (3, 1, 5), (2, 1, 1)),
+    ((1, 1, 1, 5, 6), (1, 2, 6), (1, 2, 1)),
+    ((1, 2, 5, 6), (1, 6), (2, 1)),
+]
+
+
+@pytest.mark.parametrize("shape,window,step", DEGENERATE, ids=str)
+def test_degenerate_windows_every_path(shape, window, step):
+    x = torch.randn(shape, dtype=torch.float64)
+    w, s, sp = list(window), list(step), list(shape[2:])
+    _same(q.unstitch(x, w, s, backend="triton"), q.unstitch_reference(x, w, s))
+    plan = plan_for(tuple(sp), tuple(window), tuple(step))
+    p = torch.randn(shape[0] * plan.patches_per_image, shape[1], *window, dtype=torch.float64)
+    n = plan.norm(DEV, torch.float64)
+    ref = q.stitch_reference(p, sp, s, None, n)
+    _same(q.stitch(p, sp, s, norm=n, mode="deterministic", backend="triton"), ref)
+    torch.testing.assert_close(q.stitch(p, sp, s, norm=n, mode="atomic", backend="triton"), ref,
+                               equal_nan=True)
+    # unstitch's gradient is the (deterministic) stitch: compare with the torch backend's
+    xr = x.clone().requires_grad_(True)
+    g = torch.randn_like(p)
+    (gt,) = torch.autograd.grad((q.unstitch(xr, w, s, backend="triton") * g).sum(), xr)
+    (gr,) = torch.autograd.grad((q.unstitch(xr, w, s, backend="torch") * g).sum(), xr)
+    torch.testing.assert_close(gt, gr)
+
+
 @pytest.mark.parametrize(
     "shape,window,step",
     [
@@ -227,16 +248,16 @@ def test_stitch_noncontiguous_patches_and_int_input(mode):
     p, shape, s, plan = _patches("2d")
     wide = torch.randn(p.shape[0], 5, *p.shape[2:])[:, 1:4]  # channel slice (as in backward)
     ref = q.stitch_reference(wide, shape, s, None, plan.norm())
-    got = q._stitch_triton(wide, shape, s, None, plan.norm(), mode)
+    got = qt.launch_stitch(wide, plan=plan, weight=None, norm=plan.norm(), mode=mode)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
     ints = torch.randint(-5, 5, p.shape, dtype=torch.int32)
-    got = q._stitch_triton(ints, shape, s, None, None, mode)
+    got = qt.launch_stitch(ints, plan=plan, weight=None, norm=None, mode=mode)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, q.stitch_reference(ints, shape, s, None, None))
 
 
 def test_stitch_auto_mode_is_documented_default():
-    assert q._resolve_mode("auto") == q._STITCH_DEFAULT_MODE == "deterministic"
+    assert q._resolve_mode("auto") == qt.DEFAULT_MODE == "deterministic"
 
 
 def test_one_dimensional_data():
@@ -251,13 +272,13 @@ def test_one_dimensional_data():
 # --------------------------------------------------------- ops / autograd / compile
 def test_dispatch_cpu_tensor_runs_triton_when_forced(monkeypatch):
     calls = []
-    real = q._unstitch_triton
+    real = qt.launch_unstitch
 
-    def spy(*a):
+    def spy(*a, **k):
         calls.append(1)
-        return real(*a)
+        return real(*a, **k)
 
-    monkeypatch.setattr(q, "_unstitch_triton", spy)
+    monkeypatch.setattr(qt, "launch_unstitch", spy)
     x, w, s = _images("2d")
     monkeypatch.setenv("QLTY_GPU_BACKEND", "triton")
     q.unstitch(x, w, s)
@@ -347,6 +368,7 @@ def test_public_quilt_methods_triton_equals_torch(monkeypatch):
 
 
 # ------------------------------------------------------------------ int64 / rules
+@pytest.mark.slow
 def test_int64_offsets_in_subprocess():
     """Input offsets past 2**31 elements: unstitch of a 2 GiB uint8 image (8 patches) and
     stitch of patches strided 2**30 apart, each in a launch of a few programs.
@@ -360,13 +382,17 @@ def test_int64_offsets_in_subprocess():
         import os
         os.environ["TRITON_INTERPRET"] = "1"
         import torch
+        from qlty_gpu.geometry import plan_for
         from qlty_gpu.ops import quilt as q
+        from qlty_gpu.ops import quilt_triton as qt
         xdim = 2**30 + 64  # 2 rows: row 1 starts past 2**30, its end past 2**31
         x = torch.empty((1, 1, 2, xdim), dtype=torch.uint8)
         starts = [0, 2**29, 2**30, xdim - 16]
         for s in starts:
             x[0, 0, :, s:s + 16] = torch.arange(32, dtype=torch.uint8).reshape(2, 16) + s % 7
-        got = q._unstitch_triton(x, [1, 16], [1, 2**29], None, None, None, 0.0, "", True)
+        got = qt.launch_unstitch(x, plan=plan_for((2, xdim), (1, 16), (1, 2**29)), weight=None,
+                                 out_dtype=x.dtype, fill_mask=None, fill_value=0.0,
+                                 positions="", normalize_positions=True)
         ref = torch.stack([x[0, :, r, s:s + 16] for r in range(2) for s in starts])
         assert got.shape == (8, 1, 1, 16), got.shape
         assert torch.equal(got[:, :, 0], ref), (got, ref)
@@ -378,7 +404,8 @@ def test_int64_offsets_in_subprocess():
             pt[k] = torch.arange(16, dtype=torch.uint8) + 10 * k
         ref = q.stitch_reference(pt.clone(), [1, 32], [1, 8])
         for mode in ("deterministic", "atomic"):
-            got = q._stitch_triton(pt, [1, 32], [1, 8], None, None, mode)
+            got = qt.launch_stitch(pt, plan=plan_for((1, 32), (1, 16), (1, 8)), weight=None,
+                                   norm=None, mode=mode)
             assert torch.equal(got, ref), (mode, got, ref)
         print("ok")
         """
@@ -390,7 +417,7 @@ def test_int64_offsets_in_subprocess():
 
 
 def test_kernel_source_rules():
-    src = (ROOT / "kernels" / "triton_quilt.py").read_text()
+    src = (ROOT / "kernels" / "quilt_triton.py").read_text()
     assert "make_block_ptr" not in src
     assert "import torch" not in src and "qlty_gpu" not in src
     assert src.count("tl.program_id(0).to(tl.int64)") == 4

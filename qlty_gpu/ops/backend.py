@@ -17,13 +17,32 @@ import torch
 
 from ..errors import QltyBackendError, QltyError
 
-__all__ = ["BACKENDS", "choose_backend", "why_not", "available_backends", "ENV_BACKEND"]
+__all__ = [
+    "BACKENDS",
+    "DTYPES",
+    "ENV_BACKEND",
+    "available_backends",
+    "choose_backend",
+    "why_not",
+]
 
 BACKENDS = ("triton", "numba", "torch")
 ENV_BACKEND = "QLTY_GPU_BACKEND"
 
-_NUMBA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_TRITON_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_INTS = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+NDIMS = (1, 2, 3)
+
+# The one capability table: dtypes of the input tensor (x for unstitch, patches for stitch)
+# each compiled backend runs natively. 'torch' runs anything torch can index and copy.
+# The launchers trust this table: nothing is converted or replaced behind an explicit choice.
+DTYPES: dict[tuple[str, str], tuple[torch.dtype, ...]] = {
+    ("numba", "unstitch"): _FLOATS + _INTS,
+    ("numba", "stitch"): _FLOATS + _INTS + (torch.bool,),
+    ("triton", "unstitch"): _FLOATS + _INTS,
+    ("triton", "stitch"): _FLOATS + _INTS,
+}
+OPS = ("unstitch", "stitch")
 
 
 @cache
@@ -43,40 +62,65 @@ def _triton_kernels_reason() -> str | None:
     try:
         from .. import kernels  # noqa: F401  (package exists in every install)
 
-        importlib.import_module("qlty_gpu.kernels.triton_quilt")
+        importlib.import_module("qlty_gpu.kernels.quilt_triton")
     except ImportError as exc:
         return f"the Triton kernels could not be imported ({exc})"
     return None
 
 
-def why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Reason ``backend`` cannot run ``op`` on tensors of this device/dtype, or None."""
+def _dtype_reason(backend: str, op: str, dtype: torch.dtype) -> str | None:
+    allowed = DTYPES.get((backend, op))
+    if allowed is not None and dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        return f"{backend} {op} runs {names}, got {dtype}"
+    return None
+
+
+def why_not(
+    backend: str, op: str, device: torch.device, dtype: torch.dtype, ndim: int = 2
+) -> str | None:
+    """Reason ``backend`` cannot run ``op`` on this input, or None when it can.
+
+    The single capability table of the op family: the launchers run exactly what this
+    accepts, and :func:`choose_backend` raises with this reason when a backend it rejects
+    is forced.
+
+    Args:
+        backend: 'triton', 'numba' or 'torch'.
+        op: 'unstitch' or 'stitch'.
+        device: device of the input tensor.
+        dtype: dtype of the input tensor (x for unstitch, patches for stitch).
+        ndim: number of spatial dimensions.
+
+    Example:
+        >>> why_not("numba", "stitch", torch.device("cpu"), torch.complex64)  # doctest: +ELLIPSIS
+        'numba stitch runs float32, ..., got torch.complex64'
+    """
+    if op not in OPS:
+        raise QltyError(f"unknown op {op!r}; expected one of {OPS}")
+    if backend not in BACKENDS:
+        raise QltyError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if ndim not in NDIMS:
+        return f"{op} handles 1 to 3 spatial dims, got {ndim}"
     if backend == "torch":
         return None
     if backend == "numba":
         if device.type != "cpu":
             return f"numba runs on CPU tensors only, got a {device.type} tensor"
-        if op == "stitch" and dtype not in _NUMBA_DTYPES:
-            return f"numba stitch supports {[str(d) for d in _NUMBA_DTYPES]}, got {dtype}"
-        if op == "unstitch" and (dtype.is_complex or dtype == torch.bool):
-            return f"numba unstitch does not handle {dtype}"
+        reason = _dtype_reason(backend, op, dtype)
+        if reason is not None:
+            return reason
         if not _has_module("numba"):
             return "the 'numba' package is not installed"
         return None
-    if backend == "triton":
-        reason = _triton_kernels_reason()
-        if reason is not None:
-            return reason
-        if device.type == "cpu" and not _interpreting():
-            return "Triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)"
-        if device.type not in ("cpu", "cuda"):
-            return f"Triton kernels run on CUDA tensors, got a {device.type} tensor"
-        if op == "stitch" and dtype not in _TRITON_DTYPES:
-            return f"Triton stitch supports {[str(d) for d in _TRITON_DTYPES]}, got {dtype}"
-        if op == "unstitch" and (dtype.is_complex or dtype == torch.bool):
-            return f"Triton unstitch does not handle {dtype}"
-        return None
-    raise QltyError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    reason = _triton_kernels_reason()
+    if reason is not None:
+        return reason
+    if device.type == "cpu" and not _interpreting():
+        return "Triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)"
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton kernels run on CUDA tensors, got a {device.type} tensor"
+    return _dtype_reason(backend, op, dtype)
 
 
 def _default_order(device: torch.device) -> tuple[str, ...]:
@@ -89,7 +133,11 @@ def _default_order(device: torch.device) -> tuple[str, ...]:
 
 
 def choose_backend(
-    op: str, device: torch.device, dtype: torch.dtype, requested: str | None = None
+    op: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    requested: str | None = None,
+    ndim: int = 2,
 ) -> str:
     """Pick the backend for ``op`` ('unstitch' or 'stitch') on this device and dtype.
 
@@ -99,6 +147,7 @@ def choose_backend(
         dtype: dtype of the input tensor.
         requested: an explicit backend name; ``None`` or ``""`` reads ``QLTY_GPU_BACKEND``
             and, if that is unset too, chooses automatically.
+        ndim: number of spatial dimensions of the input.
 
     Raises:
         QltyError: for an unknown name; QltyBackendError when the forced one cannot run.
@@ -114,13 +163,13 @@ def choose_backend(
                 f"unknown backend {name!r} (from {'backend=' if requested else ENV_BACKEND}); "
                 f"expected one of {BACKENDS} or 'auto'"
             )
-        reason = why_not(name, op, device, dtype)
+        reason = why_not(name, op, device, dtype, ndim)
         if reason is not None:
             raise QltyBackendError(f"backend {name!r} cannot run {op} here: {reason}")
         return name
     reasons = []
     for cand in _default_order(device):
-        reason = why_not(cand, op, device, dtype)
+        reason = why_not(cand, op, device, dtype, ndim)
         if reason is None:
             return cand
         reasons.append(f"{cand}: {reason}")
@@ -128,8 +177,9 @@ def choose_backend(
 
 
 def available_backends(
-    op: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    op: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    ndim: int = 2,
 ) -> list[str]:
-    """Backends that can run ``op`` for this device/dtype here (for tests and benchmarks)."""
+    """Backends that can run ``op`` for this device/dtype/ndim here (tests, benchmarks)."""
     dev = torch.device(device)
-    return [b for b in BACKENDS if why_not(b, op, dev, dtype) is None]
+    return [b for b in BACKENDS if why_not(b, op, dev, dtype, ndim) is None]
