@@ -139,7 +139,7 @@ def upstream_results(request, tmp_path_factory) -> dict:
     wanted = sorted({
         item.callspec.params["upstream_file"]
         for item in request.session.items
-        if item.originalname == "test_upstream_file" and hasattr(item, "callspec")
+        if getattr(item, "originalname", None) == "test_upstream_file" and hasattr(item, "callspec")
     } - set(PENDING))
     if not wanted:
         return {}
