@@ -23,6 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._triton_common import _cast_out, _div_rn, _load_value, _tile_xy
+
 __all__ = [
     "_unstitch_kernel",
     "_stitch_atomic_kernel",
@@ -33,55 +35,6 @@ __all__ = [
 
 # ----------------------------------------------------------------- helpers
 @triton.jit
-def _bf16_bits_to_f32(bits):
-    """int16 bit pattern of a bf16 -> the exact fp32 value (a 16-bit shift)."""
-    b = bits.to(tl.uint16, bitcast=True).to(tl.uint32)
-    return (b << 16).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _f32_to_bf16_bits(v):
-    """fp32 -> int16 bit pattern of bf16, round to nearest even (torch's rule), NaN kept."""
-    b = v.to(tl.uint32, bitcast=True)
-    r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-    r = tl.where(v != v, 0x7FC0, r)
-    return r.to(tl.uint16).to(tl.int16, bitcast=True)
-
-
-@triton.jit
-def _load_value(ptrs, mask, IS_BF16: tl.constexpr, UPCAST: tl.constexpr):
-    """Masked load; bf16 bits become fp32, and with UPCAST fp16/int become fp32 too."""
-    v = tl.load(ptrs, mask=mask, other=0)
-    if IS_BF16:
-        v = _bf16_bits_to_f32(v)
-    elif UPCAST:
-        v = v.to(tl.float32)
-    return v
-
-
-@triton.jit
-def _cast_out(v, out_ptr, OUT_BF16: tl.constexpr, OUT_HALF: tl.constexpr):
-    """Cast to the output element type; half types go through fp32 as torch's casts do."""
-    if OUT_BF16:
-        r = _f32_to_bf16_bits(v.to(tl.float32))
-    elif OUT_HALF:
-        r = v.to(tl.float32).to(tl.float16)
-    else:
-        r = v.to(out_ptr.dtype.element_ty)
-    return r
-
-
-@triton.jit
-def _div_rn(a, b):
-    """IEEE round-to-nearest division, as torch's: fp32 ``/`` is ``div.full.f32`` (2 ulp)."""
-    if a.dtype == tl.float64:
-        r = a / b  # div.rn.f64
-    else:
-        r = tl.div_rn(a, b)
-    return r
-
-
-@triton.jit
 def _patch_tile(pid, n_xb, n_yb, WZ: tl.constexpr, n_ch, n_patches, n_px, n_py, sz_ptr, sy_ptr,
                 sx_ptr, X_ALIGN: tl.constexpr):
     """Program id of a patch-tile grid -> (x block, y block, window z, channel, patch m,
@@ -91,11 +44,7 @@ def _patch_tile(pid, n_xb, n_yb, WZ: tl.constexpr, n_ch, n_patches, n_px, n_py, 
     32-bit division inlines where a 64-bit one calls a subroutine with a stack frame.
     Everything is widened to int64 before any address arithmetic.
     """
-    t = pid.to(tl.int32)
-    xb = t % n_xb
-    t = t // n_xb
-    yb = t % n_yb
-    t = t // n_yb
+    xb, yb, t = _tile_xy(pid.to(tl.int32), n_xb, n_yb)
     z = t % WZ
     t = t // WZ
     c = t % n_ch
@@ -356,11 +305,7 @@ def _stitch_gather_kernel(
     pid = tl.program_id(0).to(tl.int64)
     # int32 index decomposition and patch ranges (all < 2**31; 32-bit division inlines, a
     # 64-bit one calls a subroutine with a stack frame); addresses are int64 below.
-    t = pid.to(tl.int32)
-    xb = t % n_xb
-    t = t // n_xb
-    yb = t % n_yb
-    t = t // n_yb
+    xb, yb, t = _tile_xy(pid.to(tl.int32), n_xb, n_yb)
     z = t % size_z
     t = t // size_z
     c = t % n_ch

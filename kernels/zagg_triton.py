@@ -23,46 +23,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._triton_common import _cast_out, _div_rn, _load_value, _tile_xy
+
 __all__ = ["_zagg_kernel"]
-
-
-@triton.jit
-def _bf16_bits_to_f32(bits):
-    """int16 bit pattern of a bf16 -> the exact fp32 value (a 16-bit shift)."""
-    b = bits.to(tl.uint16, bitcast=True).to(tl.uint32)
-    return (b << 16).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _f32_to_bf16_bits(v):
-    """fp32 -> int16 bit pattern of bf16, round to nearest even (torch's rule), NaN kept."""
-    b = v.to(tl.uint32, bitcast=True)
-    r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-    r = tl.where(v != v, 0x7FC0, r)
-    return r.to(tl.uint16).to(tl.int16, bitcast=True)
 
 
 @triton.jit
 def _load_acc(ptrs, mask, X_BF16: tl.constexpr, COMPUTE_F64: tl.constexpr):
     """Masked load widened to the accumulation type (0 where masked)."""
-    v = tl.load(ptrs, mask=mask, other=0)
-    if X_BF16:
-        v = _bf16_bits_to_f32(v)
+    v = _load_value(ptrs, mask, X_BF16, False)
     if COMPUTE_F64:
         v = v.to(tl.float64)
     else:
         v = v.to(tl.float32)
     return v
-
-
-@triton.jit
-def _div(a, n):
-    """IEEE round-to-nearest ``a / n`` (fp32 ``/`` is a 2-ulp approximation on CUDA)."""
-    if a.dtype == tl.float64:
-        r = a / n.to(tl.float64)
-    else:
-        r = tl.div_rn(a, n.to(tl.float32))
-    return r
 
 
 @triton.jit
@@ -91,11 +65,7 @@ def _zagg_kernel(
     Decomposed in int32 (the grid stays below 2**31, so every index does): a 64-bit
     division would call a subroutine with a stack frame. Widened before any address math.
     """
-    t = tl.program_id(0)
-    xb = t % n_xb
-    t = t // n_xb
-    yb = t % n_yb
-    t = t // n_yb
+    xb, yb, t = _tile_xy(tl.program_id(0), n_xb, n_yb)
     k = t % n_slots
     t = t // n_slots
     c = t % n_ch
@@ -127,10 +97,7 @@ def _zagg_kernel(
             tl.store(o_ptrs, v, mask=mask)
         else:
             v = _load_acc(ptrs, m_real, X_BF16, COMPUTE_F64)
-            if OUT_BF16:
-                tl.store(o_ptrs, _f32_to_bf16_bits(v.to(tl.float32)), mask=mask)
-            else:
-                tl.store(o_ptrs, v.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(o_ptrs, _cast_out(v, out_ptr, OUT_BF16, False), mask=mask)
     else:
         if COMPUTE_F64:
             total = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float64)
@@ -143,7 +110,7 @@ def _zagg_kernel(
             m_real = (offs_y[:, None] < tl.where(z >= 0, Y, 0)) & (offs_x[None, :] < X)
             total += _load_acc(ptrs, m_real, X_BF16, COMPUTE_F64)
             cnt += (z >= -1).to(tl.int32)
-        res = _div(total, cnt)
+        res = _div_rn(total, cnt)
         if kind == 2:
             mean = res
             ss = tl.zeros_like(total)
@@ -153,8 +120,5 @@ def _zagg_kernel(
                 m_real = (offs_y[:, None] < tl.where(z >= 0, Y, 0)) & (offs_x[None, :] < X)
                 d = _load_acc(ptrs, m_real, X_BF16, COMPUTE_F64) - mean
                 ss += tl.where(z >= -1, d * d, 0.0)
-            res = _sqrt(_div(ss, cnt))
-        if OUT_BF16:
-            tl.store(o_ptrs, _f32_to_bf16_bits(res.to(tl.float32)), mask=mask)
-        else:
-            tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=mask)
+            res = _sqrt(_div_rn(ss, cnt))
+        tl.store(o_ptrs, _cast_out(res, out_ptr, OUT_BF16, False), mask=mask)

@@ -205,8 +205,7 @@ def covering_range(plan: QuiltPlan, axis: int, lo: int, hi: int) -> tuple[int, i
 
 def _tensor_norm(w: torch.Tensor, plan: QuiltPlan, box) -> torch.Tensor:
     """Weight sum of a full (non-separable) map over ``box`` by stitching tiled weights."""
-    from .ops import stitch
-    from .stream.grid import grid_boxes, sub_extent
+    from .stream.grid import add_overlap, grid_boxes, stitch_box
 
     out = torch.zeros([hi - lo for lo, hi in box], dtype=torch.float64, device=w.device)
     ranges = [covering_range(plan, a, lo, hi) for a, (lo, hi) in enumerate(box)]
@@ -218,17 +217,10 @@ def _tensor_norm(w: torch.Tensor, plan: QuiltPlan, box) -> torch.Tensor:
     for a in range(0, total, per):
         for gbox in grid_boxes(a, min(a + per, total), sizes):
             kr = [(k0 + g0, k0 + g1) for (k0, _), (g0, g1) in zip(ranges, gbox)]
-            ext = [sub_extent(plan, ax, r) for ax, r in enumerate(kr)]
             m = math.prod(g1 - g0 for g0, g1 in gbox)
             tiled = w.expand(m, 1, *plan.window).contiguous()
-            part = stitch(tiled, [e1 - e0 for e0, e1 in ext], plan.step)[0, 0]
-            # overlap of the part's extent with the box
-            src, dst = [], []
-            for (e0, e1), (lo, hi) in zip(ext, box):
-                a0, a1 = max(e0, lo), min(e1, hi)
-                src.append(slice(a0 - e0, a1 - e0))
-                dst.append(slice(a0 - lo, a1 - lo))
-            out[tuple(dst)] += part[tuple(src)]
+            ext, part = stitch_box(tiled, plan, kr)
+            add_overlap(out, [lo for lo, _ in box], part[0, 0], [e0 for e0, _ in ext])
     return out
 
 

@@ -1,37 +1,23 @@
 """Launch side of ``kernels/zagg_numba.py`` (the CPU z-aggregation).
 
-Launches are serialised in a process (numba's parallel layers do not take concurrent
-launches from Python threads) and a forked child runs the single-threaded twin (GNU
-OpenMP's thread pool does not survive ``fork()``).
+Launches go through the ops layer's numba runner (:func:`qlty_gpu.ops._launch.run_numba`):
+serialised in a process, and the single-threaded twin in a forked child.
 """
 
 from __future__ import annotations
 
-import os
-import threading
 from typing import Optional
 
 import torch
 
+from . import _launch
 from .zagg_reference import compute_dtype
 
 __all__ = ["zagg_numba", "why_not_numba"]
 
-_LOCK = threading.Lock()
-_FORKED = False
 _X_DTYPES = (torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16, torch.uint16,
              torch.int32, torch.int64, torch.bool)
 _OUT_DTYPES = _X_DTYPES
-
-
-def _after_fork_in_child() -> None:
-    global _LOCK, _FORKED
-    _LOCK = threading.Lock()
-    _FORKED = True
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def why_not_numba(x: torch.Tensor, out: torch.Tensor) -> Optional[str]:
@@ -60,9 +46,5 @@ def zagg_numba(out, x, idx, kind, chan_base, chan_cstride, jpos) -> torch.Tensor
     acc = compute_dtype(x.dtype, out.dtype)
     tmpl = torch.empty(x.shape[-1], dtype=acc).numpy()
     args = (x.detach().numpy(), out.detach().numpy(), *tabs, tmpl)
-    if _FORKED:
-        nk._zagg_numba_serial(*args)
-        return out
-    with _LOCK:
-        nk._zagg_numba(*args)
+    _launch.run_numba(nk._zagg_numba, nk._zagg_numba_serial, *args)
     return out

@@ -49,6 +49,7 @@ import torch
 
 from ..errors import QltyError
 from .chunks import ChunkGrid
+from .grid import add_overlap, stitch_box
 from .store import ZarrSink
 
 __all__ = ["ChunkAccumulator", "ACCUMULATE_MODES"]
@@ -272,15 +273,12 @@ class ChunkAccumulator:
         return runs
 
     def _add_fused(self, n, grids, patches, var, chunks) -> None:
-        from .. import ops
-
         plan = self.grid.plan
         nd = plan.ndim
         lo = [min(g[a] for g in grids) for a in range(nd)]
         hi = [max(g[a] for g in grids) for a in range(nd)]
+        kbox = [(l_, h + 1) for l_, h in zip(lo, hi)]
         sub_counts = [h - l_ + 1 for l_, h in zip(lo, hi)]
-        origin = [plan.starts[a][lo[a]] for a in range(nd)]
-        sub_shape = [plan.starts[a][hi[a]] + plan.window[a] - origin[a] for a in range(nd)]
         flat = torch.tensor(
             [np.ravel_multi_index([g[a] - lo[a] for a in range(nd)], sub_counts) for g in grids],
             device=patches.device,
@@ -290,22 +288,18 @@ class ChunkAccumulator:
         def summed(p):
             dense = p.new_zeros((math.prod(sub_counts), *p.shape[1:]))
             dense.index_copy_(0, flat, p)
-            return ops.stitch(dense, sub_shape, plan.step, weight=w)[0]
+            ext, total = stitch_box(dense, plan, kbox, weight=w)
+            return [e0 for e0, _ in ext], total[0]
 
-        total = summed(patches)
-        total_var = summed(var) if var is not None else None
+        origin, total = summed(patches)
+        total_var = summed(var)[1] if var is not None else None
         for c in chunks:
             key = (n, *c)
             acc = self._get(key, patches)
-            cs = self.grid.chunk_slices(c)
-            cl, tl = [], []
-            for a in range(nd):
-                a0, a1 = max(origin[a], cs[a].start), min(origin[a] + sub_shape[a], cs[a].stop)
-                cl.append(slice(a0 - cs[a].start, a1 - cs[a].start))
-                tl.append(slice(a0 - origin[a], a1 - origin[a]))
-            acc[(slice(None), *cl)] += total[(slice(None), *tl)]
+            c0 = [s.start for s in self.grid.chunk_slices(c)]
+            add_overlap(acc, c0, total, origin)
             if total_var is not None:
-                self._var[key][(slice(None), *cl)] += total_var[(slice(None), *tl)]
+                add_overlap(self._var[key], c0, total_var, origin)
 
     # ------------------------------------------------------------ finishing
     def _finish(self, key: tuple) -> None:

@@ -31,7 +31,6 @@ per worker). See README "Distributed inference (Dask)".
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -43,7 +42,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..errors import QltyError, QltyTypeError, describe
+from ..errors import QltyError, describe
 from .dask_prep import (
     check_client,
     choose_region,
@@ -211,10 +210,18 @@ def infer_distributed(
         QltyError: a closed client, a source or model the workers cannot use, bad settings,
             ``resume=True`` with other settings (naming them), or a region that failed.
     """
-    from .. import __version__
     from ..infer import _progress, check_reduce, make_plan, make_runner
-    from .executor import _np_dtype, _spatial_chunks, _store_dtype
-    from .ome_io import write_ome_group
+    from .executor import (
+        _check_out,
+        _fingerprint,
+        _np_dtype,
+        _open_sink,
+        _region_chunks,
+        _region_in,
+        _sink_args,
+        _spatial_chunks,
+        _store_dtype,
+    )
     from .store import ZarrSink
 
     t_start = time.perf_counter()
@@ -224,10 +231,8 @@ def infer_distributed(
     reduce = check_reduce(reduce)
     if out is None:
         raise QltyError("client= needs out= (a Zarr path or array every worker can write)")
-    is_path = isinstance(out, (str, os.PathLike))
+    is_path = _check_out(out)
     if not is_path:
-        if not (type(out).__module__.startswith("zarr") and hasattr(out, "attrs")):
-            raise QltyTypeError(f"out must be a path or a Zarr array, got {describe(out)}")
         if is_memory_store(out.store):
             raise QltyError(f"out is a Zarr array in this process's memory ({describe(out)}); "
                             "Dask workers cannot write it: use a path or a shared store")
@@ -279,14 +284,8 @@ def infer_distributed(
         base = tuple(max(1, -(-w // c)) for w, c in zip(spec.plan.window, cs))
 
         def layout_of(rc) -> RegionLayout:
-            reg = []
-            for ax, (r, c, f) in enumerate(zip(rc, cs, spec.scale)):
-                v = r * c / f
-                if v.denominator != 1:
-                    raise QltyError(f"region of {r} x {c} output pixels on axis {ax} is not a "
-                                    f"whole number of input pixels at output scale {f}")
-                reg.append(int(v))
-            return RegionLayout(plan, n_img, tuple(reg), spec.scale, n_block=n_chunk)
+            return RegionLayout(plan, n_img, _region_in(rc, cs, spec.scale), spec.scale,
+                                n_block=n_chunk)
 
         def est(rc) -> int:
             return task_bytes(layout_of(rc), n_ch, spec.channels, in_item, acc_item,
@@ -315,42 +314,12 @@ def infer_distributed(
                                 f"(output pixels), got {region!r}")
             region_chunks = tuple(int(e) // c for e, c in zip(ext, cs))
             choice = f"region={tuple(ext)} output px"
-        if region_chunks is None:
-            region_chunks = base
-        elif isinstance(region_chunks, int):
-            region_chunks = (region_chunks,) * nd
-        region_chunks = tuple(int(r) for r in region_chunks)
-        if len(region_chunks) != nd or min(region_chunks) < 1:
-            raise QltyError(f"region_chunks must be {nd} positive ints, got {region_chunks!r}")
+        region_chunks = _region_chunks(region_chunks, nd, base)
         layout = layout_of(region_chunks)
-        fingerprint = {
-            "qlty_gpu_version": __version__,
-            "input_shape": list(source.shape), "input_dtype": str(source.dtype),
-            "window": list(plan.window), "step": list(plan.step),
-            "output_shape": list(full_shape), "output_dtype": str(dtype), "chunks": list(cs),
-            "weight": spec.weight.fingerprint(), "layout": layout.describe(),
-            "model": pr["model"], "batch_size": pr["batch_size"],
-            "pad_last_batch": pr["pad_last_batch"], "amp": pr["amp"],
-            "model_dtype": pr["model_dtype"], "device": pr["device"],
-            "accumulate_device": pr["accumulate_device"],
-            "reduce": reduce if reduce is None or isinstance(reduce, str) else
-            f"callable:{getattr(reduce, '__qualname__', type(reduce).__name__)}",
-            "backend": pr["backend"],
-        }
-        target, stored_shape, stored_chunks = out, full_shape, (n_chunk, k_out, *cs)
-        if keep is not None:
-            target = os.path.join(os.fspath(out), "0")
-            if os.path.lexists(out) and not os.path.exists(os.path.join(os.fspath(out),
-                                                                        "zarr.json")):
-                raise QltyError(f"output {os.fspath(out)!r} exists and is not a Zarr group; "
-                                "not touched")
-            stored_shape = tuple(s for s, k in zip(full_shape, keep) if k)
-            stored_chunks = tuple(s for s, k in zip(stored_chunks, keep) if k)
-        sink = ZarrSink(target, stored_shape, stored_chunks if is_path else None,
-                        dtype=_np_dtype(dtype), fingerprint=fingerprint, overwrite=overwrite,
-                        resume=resume, compressors=compressors)
-        if keep is not None:
-            write_ome_group(out, ome, keep, spec.scale, k_out)
+        fingerprint = _fingerprint(source, plan, full_shape, dtype, cs, spec, layout, reduce, pr)
+        sink = _open_sink(out, full_shape, (n_chunk, k_out, *cs), dtype, fingerprint, ome=ome,
+                          keep=keep, scale=spec.scale, overwrite=overwrite, resume=resume,
+                          compressors=compressors)
         scr_path = scratch_path(out, scratch)
         scr, markers = open_scratch(scr_path, fingerprint, resume)
         token = uuid.uuid4().hex[:12]
@@ -434,9 +403,8 @@ def infer_distributed(
             if not futures and (todo or waiting):
                 raise QltyError(f"internal: {len(waiting)} regions wait for tails that no task "
                                 "produces")
-        final = ZarrSink(target, stored_shape, stored_chunks if is_path else None,
-                         dtype=_np_dtype(dtype),
-                         fingerprint=fingerprint, resume=True)
+        final = ZarrSink(*_sink_args(out, full_shape, (n_chunk, k_out, *cs), keep),
+                         dtype=_np_dtype(dtype), fingerprint=fingerprint, resume=True)
         rep.regions_run = len(final.finished) - len(sink.finished)
         rep.seconds = round(time.perf_counter() - t_start, 3)
         final.finish(expected_units=layout.count(), patches_run=rep.patches_run,

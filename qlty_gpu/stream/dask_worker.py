@@ -529,7 +529,7 @@ def probe_task(ctx: TaskContext, payload: ModelPayload) -> dict:
         ``specs``, ``structure``, the model fingerprint, the device types and the source's
         torch dtype, for the client to build the output.
     """
-    from .executor import model_fingerprint, probe
+    from .executor import model_fingerprint, probe, run_settings
 
     source = ctx.source.open()
     runner, _ = ctx.make_runner(payload)
@@ -537,12 +537,8 @@ def probe_task(ctx: TaskContext, payload: ModelPayload) -> dict:
     in_dtype = source.read((slice(0, 1), slice(0, 1), *[slice(0, 1)] * nd)).dtype
     runner.specs = None
     probe(runner, source.shape[1], in_dtype)
-    return {"specs": runner.specs, "structure": runner.structure,
-            "model": model_fingerprint(runner.model), "device": runner.device.type,
-            "accumulate_device": runner.accumulate_device.type, "in_dtype": in_dtype,
-            "batch_size": runner.batch_size, "pad_last_batch": runner.pad_last_batch,
-            "amp": str(runner.amp), "model_dtype": str(runner.model_dtype),
-            "backend": runner.backend or "auto", "worker": _where()}
+    return {"specs": runner.specs, "structure": runner.structure, "in_dtype": in_dtype,
+            "worker": _where(), **run_settings(runner, model_fingerprint(runner.model))}
 
 
 def payload_key(data: bytes) -> str:

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import numpy as np
@@ -124,6 +125,100 @@ def _spatial_chunks(chunks, nd: int, plan_out) -> tuple[int, ...]:
     return tuple(int(c) for c in chunks)
 
 
+def _check_out(out: Any) -> bool:
+    """True when ``out`` is a path; else it must be a Zarr array (QltyTypeError)."""
+    is_path = isinstance(out, (str, os.PathLike))
+    if not is_path and not (type(out).__module__.startswith("zarr") and hasattr(out, "attrs")):
+        raise QltyTypeError(f"out must be a path or a Zarr array, got {describe(out)}")
+    return is_path
+
+
+def _region_chunks(region_chunks: Any, nd: int, default: tuple[int, ...]) -> tuple[int, ...]:
+    """Output chunks per region per axis: None -> ``default``, an int -> every axis."""
+    if region_chunks is None:
+        region_chunks = default
+    elif isinstance(region_chunks, int):
+        region_chunks = (region_chunks,) * nd
+    region_chunks = tuple(int(r) for r in region_chunks)
+    if len(region_chunks) != nd or min(region_chunks) < 1:
+        raise QltyError(f"region_chunks must be {nd} positive ints, got {region_chunks!r}")
+    return region_chunks
+
+
+def _region_in(region_chunks: Sequence[int], cs: Sequence[int], scale) -> tuple[int, ...]:
+    """Input pixels per region per axis: ``region_chunks * cs`` output pixels at ``scale``."""
+    region_in = []
+    for ax, (r, c, f) in enumerate(zip(region_chunks, cs, scale)):
+        v = r * c / f
+        if v.denominator != 1:
+            raise QltyError(
+                f"region of {r} x {c} output pixels on axis {ax} is not a whole number of "
+                f"input pixels at output scale {f}; choose chunks divisible by the scale"
+            )
+        region_in.append(int(v))
+    return tuple(region_in)
+
+
+def run_settings(runner: PatchRunner, model_fp: str) -> dict:
+    """The runner settings an output's fingerprint records (JSON-able); ``model_fp`` is
+    :func:`model_fingerprint` of the model."""
+    return {"model": model_fp, "batch_size": runner.batch_size,
+            "pad_last_batch": runner.pad_last_batch, "amp": str(runner.amp),
+            "model_dtype": str(runner.model_dtype), "device": runner.device.type,
+            "accumulate_device": runner.accumulate_device.type,
+            "backend": runner.backend or "auto"}
+
+
+def _fingerprint(source, plan, full_shape, dtype, cs, spec, layout, reduce, run: dict) -> dict:
+    """The settings fingerprint of a stored output (``run`` from :func:`run_settings`)."""
+    from .. import __version__
+
+    fp = {
+        "qlty_gpu_version": __version__,
+        "input_shape": list(source.shape), "input_dtype": str(source.dtype),
+        "window": list(plan.window), "step": list(plan.step),
+        "output_shape": list(full_shape), "output_dtype": str(dtype), "chunks": list(cs),
+        "weight": spec.weight.fingerprint(), "layout": layout.describe(),
+    }
+    for k in ("model", "batch_size", "pad_last_batch", "amp", "model_dtype", "device",
+              "accumulate_device"):
+        fp[k] = run[k]
+    fp["reduce"] = reduce if reduce is None or isinstance(reduce, str) else \
+        f"callable:{getattr(reduce, '__qualname__', type(reduce).__name__)}"
+    fp["backend"] = run["backend"]
+    return fp
+
+
+def _sink_args(out, full_shape, unit_chunks, keep) -> tuple:
+    """``(target, shape, chunks)`` of the output's :class:`~qlty_gpu.stream.store.ZarrSink`:
+    ``out`` itself, or with ``keep`` (OME-Zarr input, path output) the array ``0`` of an
+    OME-Zarr group at ``out``, without the singleton axes ``keep`` drops; ``chunks`` is
+    ``unit_chunks`` at a path, None (the array's own) for a given array."""
+    is_path = isinstance(out, (str, os.PathLike))
+    target, stored_shape, stored_chunks = out, full_shape, unit_chunks
+    if keep is not None:
+        target = os.path.join(os.fspath(out), "0")
+        if os.path.lexists(out) and not os.path.exists(os.path.join(os.fspath(out), "zarr.json")):
+            raise QltyError(f"output {os.fspath(out)!r} exists and is not a Zarr group; not touched")
+        stored_shape = tuple(s for s, k in zip(full_shape, keep) if k)
+        stored_chunks = tuple(s for s, k in zip(stored_chunks, keep) if k)
+    return target, stored_shape, stored_chunks if is_path else None
+
+
+def _open_sink(out, full_shape, unit_chunks, dtype, fingerprint, *, ome, keep, scale,
+               overwrite, resume, compressors):
+    """Create (or reopen, ``resume``) the output store and, with ``keep``, write the
+    OME-Zarr group metadata around it (see :func:`_sink_args`)."""
+    from .store import ZarrSink
+
+    sink = ZarrSink(*_sink_args(out, full_shape, unit_chunks, keep), dtype=_np_dtype(dtype),
+                    fingerprint=fingerprint, overwrite=overwrite, resume=resume,
+                    compressors=compressors)
+    if keep is not None:
+        write_ome_group(out, ome, keep, scale, full_shape[1])
+    return sink
+
+
 def infer_to_store(
     model: Any,
     x: Any,
@@ -172,9 +267,7 @@ def infer_to_store(
         The output Zarr array (its ``attrs['qlty_gpu']`` holds the settings fingerprint,
         ``complete``, and the patch counts of the run).
     """
-    from .. import __version__
     from ..infer import _progress, apply_reduce, check_reduce, make_plan, make_runner
-    from .store import ZarrSink
 
     if grad:
         raise QltyError("grad=True is only supported in memory (x a tensor, out=None)")
@@ -199,9 +292,7 @@ def infer_to_store(
     k_out, dtype = _store_dtype(reduce, spec.channels, spec.acc_dtype, nd, out_dtype)
     if out is None:
         raise QltyError("out must be a Zarr array or a path (in-memory results: pass a tensor)")
-    is_path = isinstance(out, (str, os.PathLike))
-    if not is_path and not (type(out).__module__.startswith("zarr") and hasattr(out, "attrs")):
-        raise QltyTypeError(f"out must be a path or a Zarr array, got {describe(out)}")
+    is_path = _check_out(out)
     layout_keep = ome.keep_axes(k_out) if (ome is not None and is_path) else None
     full_shape = (n_img, k_out, *spec.plan.shape)
     if is_path:
@@ -217,50 +308,15 @@ def infer_to_store(
         n_chunk = int(out.chunks[0])
         if int(out.chunks[1]) != k_out:
             raise QltyError(f"out must have one chunk along channels ({k_out}), got {out.chunks}")
-    if region_chunks is None:
-        region_chunks = tuple(max(1, -(-w // c)) for w, c in zip(spec.plan.window, cs))
-    elif isinstance(region_chunks, int):
-        region_chunks = (region_chunks,) * nd
-    region_chunks = tuple(int(r) for r in region_chunks)
-    if len(region_chunks) != nd or min(region_chunks) < 1:
-        raise QltyError(f"region_chunks must be {nd} positive ints, got {region_chunks!r}")
-    region_in = []
-    for ax, (r, c, f) in enumerate(zip(region_chunks, cs, spec.scale)):
-        v = r * c / f
-        if v.denominator != 1:
-            raise QltyError(
-                f"region of {r} x {c} output pixels on axis {ax} is not a whole number of "
-                f"input pixels at output scale {f}; choose chunks divisible by the scale"
-            )
-        region_in.append(int(v))
-    layout = RegionLayout(plan, n_img, tuple(region_in), spec.scale, n_block=n_chunk)
-    fingerprint = {
-        "qlty_gpu_version": __version__,
-        "input_shape": list(source.shape), "input_dtype": str(source.dtype),
-        "window": list(plan.window), "step": list(plan.step),
-        "output_shape": list(full_shape), "output_dtype": str(dtype), "chunks": list(cs),
-        "weight": spec.weight.fingerprint(), "layout": layout.describe(),
-        "model": model_fingerprint(model), "batch_size": runner.batch_size,
-        "pad_last_batch": runner.pad_last_batch, "amp": str(runner.amp),
-        "model_dtype": str(runner.model_dtype), "device": runner.device.type,
-        "accumulate_device": runner.accumulate_device.type,
-        "reduce": reduce if reduce is None or isinstance(reduce, str) else
-        f"callable:{getattr(reduce, '__qualname__', type(reduce).__name__)}",
-        "backend": runner.backend or "auto",
-    }
-    target = out
-    stored_shape, stored_chunks = full_shape, (n_chunk, k_out, *cs)
-    if layout_keep is not None:
-        target = os.path.join(os.fspath(out), "0")
-        if os.path.lexists(out) and not os.path.exists(os.path.join(os.fspath(out), "zarr.json")):
-            raise QltyError(f"output {os.fspath(out)!r} exists and is not a Zarr group; not touched")
-        stored_shape = tuple(s for s, k in zip(full_shape, layout_keep) if k)
-        stored_chunks = tuple(s for s, k in zip(stored_chunks, layout_keep) if k)
-    sink = ZarrSink(target, stored_shape, stored_chunks if is_path else None,
-                    dtype=_np_dtype(dtype), fingerprint=fingerprint, overwrite=overwrite,
-                    resume=resume, compressors=compressors)
-    if layout_keep is not None:
-        write_ome_group(out, ome, layout_keep, spec.scale, k_out)
+    base = tuple(max(1, -(-w // c)) for w, c in zip(spec.plan.window, cs))
+    region_chunks = _region_chunks(region_chunks, nd, base)
+    layout = RegionLayout(plan, n_img, _region_in(region_chunks, cs, spec.scale), spec.scale,
+                          n_block=n_chunk)
+    fingerprint = _fingerprint(source, plan, full_shape, dtype, cs, spec, layout, reduce,
+                               run_settings(runner, model_fingerprint(model)))
+    sink = _open_sink(out, full_shape, (n_chunk, k_out, *cs), dtype, fingerprint, ome=ome,
+                      keep=layout_keep, scale=spec.scale, overwrite=overwrite, resume=resume,
+                      compressors=compressors)
 
     def write(rid, block: torch.Tensor) -> None:
         n0, n1 = layout.nrange(rid)

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Optional
+
+import torch
 
 from ..geometry import QuiltPlan
 
-__all__ = ["grid_boxes", "sub_extent", "box_extent"]
+__all__ = ["grid_boxes", "sub_extent", "box_extent", "stitch_box", "add_overlap"]
 
 Box = tuple[tuple[int, int], ...]
 
@@ -64,3 +67,52 @@ def sub_extent(plan: QuiltPlan, axis: int, krange: tuple[int, int]) -> tuple[int
 def box_extent(plan: QuiltPlan, kbox: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """Pixel ranges of a box of spatial patch-index ranges."""
     return [sub_extent(plan, ax, r) for ax, r in enumerate(kbox)]
+
+
+def stitch_box(
+    patches: torch.Tensor,
+    plan: QuiltPlan,
+    kbox: Sequence[tuple[int, int]],
+    weight: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """Weighted sum of the patches of a box over the pixels they span: one fused stitch.
+
+    Args:
+        patches: ``(n * P, C, *window)``, the ``P`` patches of the box for each of ``n``
+            images in raster order (a patch left out of the box is a zero patch).
+        plan: the geometry the box indexes.
+        kbox: patch-index ranges ``[k0, k1)`` per spatial axis.
+        weight: window-shaped weight map, or None for none.
+        backend: force a compute backend of :func:`qlty_gpu.ops.stitch`.
+
+    Returns:
+        ``(extent, summed)``: the box's pixel ranges (:func:`box_extent`) and the sums
+        ``(n, C, *extent shape)`` (not normalised).
+    """
+    from ..ops import stitch
+
+    ext = box_extent(plan, kbox)
+    summed = stitch(patches, [hi - lo for lo, hi in ext], plan.step, weight=weight,
+                    backend=backend)
+    return ext, summed
+
+
+def add_overlap(
+    dst: torch.Tensor, dst_origin: Sequence[int], src: torch.Tensor, src_origin: Sequence[int]
+) -> None:
+    """``dst += src`` where the two blocks overlap, in place.
+
+    The last ``len(dst_origin)`` axes of each are spatial, placed at pixel ``*_origin``;
+    the leading axes (images, channels) match one to one. Disjoint blocks add nothing.
+    """
+    nd = len(dst_origin)
+    d_sl, s_sl = [], []
+    for a, (do, so) in enumerate(zip(dst_origin, src_origin)):
+        lo = max(do, so)
+        hi = min(do + dst.shape[a - nd], so + src.shape[a - nd])
+        if lo >= hi:
+            return
+        d_sl.append(slice(lo - do, hi - do))
+        s_sl.append(slice(lo - so, hi - so))
+    dst[(..., *d_sl)].add_(src[(..., *s_sl)])

@@ -31,9 +31,9 @@ import torch
 from .._alloc import empty_cpu, zeros_cpu
 from ..errors import QltyError, describe
 from ..geometry import QuiltPlan
-from ..ops import accumulation_dtype, stitch, unstitch
+from ..ops import accumulation_dtype, unstitch
 from ..weights import WindowWeight, resolve_weight
-from .grid import grid_boxes
+from .grid import add_overlap, grid_boxes, stitch_box, sub_extent
 
 __all__ = ["OutputSpec", "PatchRunner", "is_oom"]
 
@@ -78,8 +78,7 @@ class OutputSpec:
 
     def out_range(self, axis: int, krange: tuple[int, int]) -> tuple[int, int]:
         """Output pixel range spanned by patches ``[k0, k1)`` along ``axis``."""
-        st = self.plan.starts[axis]
-        return st[krange[0]], st[krange[1] - 1] + self.plan.window[axis]
+        return sub_extent(self.plan, axis, krange)
 
 
 def _flatten(y: Any) -> tuple[list[torch.Tensor], tuple]:
@@ -403,10 +402,9 @@ class PatchRunner:
             parts, off = [], 0
             for box in boxes:
                 cnt = math.prod(hi - lo for lo, hi in box)
-                rng = [spec.out_range(ax, kr) for ax, kr in enumerate(box[1:])]
-                st = stitch(y[off : off + cnt], [hi - lo for lo, hi in rng], spec.plan.step,
-                            weight=w, backend=self.backend)
-                parts.append(((box[0], *rng), st))
+                ext, st = stitch_box(y[off : off + cnt], spec.plan, box[1:], weight=w,
+                                     backend=self.backend)
+                parts.append((box[0], [lo for lo, _ in ext], st))
                 off += cnt
             out.append(("stitch", spec, parts))
         return out
@@ -426,10 +424,8 @@ class PatchRunner:
                     else:
                         dst.addcmul_(y[j], w)
                 continue
-            for sl_box, st in part[2]:  # one fused stitch per box
-                idx = (slice(sl_box[0][0] - n_base, sl_box[0][1] - n_base), slice(None),
-                       *[slice(lo - o, hi - o) for (lo, hi), o in zip(sl_box[1:], org)])
-                acc[idx] += st
+            for (n0, n1), lo, st in part[2]:  # one fused stitch per box
+                add_overlap(acc[n0 - n_base : n1 - n_base], org, st, lo)
 
     def _fall_back(self, exc: BaseException, accs) -> bool:
         """Change the setting after an OOM; False when nothing is left to try."""
