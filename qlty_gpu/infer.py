@@ -312,8 +312,10 @@ def run_in_memory(
     runner.finish()
     results = []
     for acc, spec in zip(accs, runner.specs):
-        norm = spec.weight.norm(spec.plan, device=acc.device, dtype=acc.dtype)
-        res = acc / norm if runner.grad else acc.div_(norm)
+        if runner.grad:
+            res = acc / spec.weight.norm(spec.plan, device=acc.device, dtype=acc.dtype)
+        else:
+            res = spec.weight.normalize_(acc, spec.plan)
         res = apply_reduce(res, reduce)
         if out_dtype is not None and res.dtype != out_dtype:
             res = res.to(out_dtype)

@@ -177,13 +177,59 @@ class WindowWeight:
             box = [(0, d) for d in plan.shape]
         box = [(int(lo), int(hi)) for lo, hi in box]
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        if self.terms is not None:
-            acc = None
-            for (c, _), per_axis in zip(self.terms, self.axis_sums(plan)):
-                part = c * _outer([s[lo:hi] for s, (lo, hi) in zip(per_axis, box)])
-                acc = part if acc is None else acc + part
-            return acc.to(device=dev, dtype=dtype)
-        return _tensor_norm(self.tensor(dev, torch.float64), plan, box).to(dtype)
+        if self.terms is None:
+            return _tensor_norm(self.tensor(dev, torch.float64), plan, box).to(dtype)
+        if dev.type != "cpu":
+            return self._slab(plan, box, 0, box[0][1] - box[0][0]).to(device=dev, dtype=dtype)
+        # slab by slab along the first axis: the float64 products stay in cache and no
+        # full-size float64 temporary is made (each element is computed exactly as in one
+        # pass, so the bits do not depend on the slab size)
+        out = torch.empty([hi - lo for lo, hi in box], dtype=dtype)
+        for a0, a1 in _slabs(box):
+            out[a0:a1].copy_(self._slab(plan, box, a0, a1))
+        return out
+
+    def _slab(self, plan: QuiltPlan, box, a0: int, a1: int) -> torch.Tensor:
+        """float64 norm of rows ``[a0, a1)`` (along the first axis) of ``box``."""
+        acc = None
+        lo0 = box[0][0]
+        for (c, _), per_axis in zip(self.terms, self.axis_sums(plan)):
+            factors = [per_axis[0][lo0 + a0 : lo0 + a1]]
+            factors += [s[lo:hi] for s, (lo, hi) in zip(per_axis[1:], box[1:])]
+            part = c * _outer(factors)
+            acc = part if acc is None else acc + part
+        return acc
+
+    def normalize_(
+        self, acc: torch.Tensor, plan: QuiltPlan, box: Optional[Sequence[tuple[int, int]]] = None
+    ) -> torch.Tensor:
+        """Divide weighted sums ``acc`` ``(N, K, *box)`` by :meth:`norm` in place.
+
+        Bit for bit ``acc.div_(self.norm(plan, box, acc.device, acc.dtype))``; on the CPU
+        for separable weights the norm is made and applied slab by slab (no full-size norm).
+
+        Returns:
+            ``acc``.
+        """
+        if box is None:
+            box = [(0, d) for d in plan.shape]
+        box = [(int(lo), int(hi)) for lo, hi in box]
+        if self.terms is None or acc.device.type != "cpu" or tuple(plan.window) != self.window:
+            return acc.div_(self.norm(plan, box, device=acc.device, dtype=acc.dtype))
+        for a0, a1 in _slabs(box):
+            slab = self._slab(plan, box, a0, a1).to(acc.dtype)
+            acc[:, :, a0:a1].div_(slab)
+        return acc
+
+
+_SLAB = 1 << 15  # float64 elements per slab of a separable norm (256 KiB: stays in cache)
+
+
+def _slabs(box) -> list[tuple[int, int]]:
+    """Row ranges along the first axis of ``box``, each about ``_SLAB`` elements."""
+    n0 = box[0][1] - box[0][0]
+    rows = max(1, _SLAB // max(1, math.prod(hi - lo for lo, hi in box[1:])))
+    return [(a, min(a + rows, n0)) for a in range(0, n0, rows)] or [(0, 0)]
 
 
 def _outer(factors: Sequence[np.ndarray]) -> torch.Tensor:

@@ -138,3 +138,19 @@ def test_unstitch_reference_is_an_independent_gather():
     x = torch.arange(2 * 7 * 6.0).reshape(1, 2, 7, 6)
     p = unstitch_reference(x, [3, 4], [2, 2])
     assert torch.equal(p[0, :, 0, 0], x[0, :, 0, 0])
+
+
+@pytest.mark.parametrize("scheme", ["gaussian", "hann", "border", "constant"])
+def test_slab_norm_and_normalize_equal_one_pass_bit_for_bit(scheme, monkeypatch):
+    """norm / normalize_ work slab by slab; the bits must not depend on the slab size."""
+    import qlty_gpu.weights as wmod
+
+    plan = QuiltPlan((23, 17, 11), (5, 4, 3), (3, 2, 2))
+    w = resolve_weight(scheme, plan.window, border=1, border_weight=0.3)
+    box = [(2, 21), (0, 17), (1, 9)]
+    one = w._slab(plan, box, 0, 19).to(torch.float32)  # one pass, whole box
+    acc = torch.randn(2, 3, 19, 17, 8)
+    for slab in (1, 17 * 8 * 3 + 5, 1 << 15):
+        monkeypatch.setattr(wmod, "_SLAB", slab)
+        assert torch.equal(w.norm(plan, box), one)
+        assert torch.equal(w.normalize_(acc.clone(), plan, box), acc.clone().div_(one))

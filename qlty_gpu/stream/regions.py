@@ -305,5 +305,4 @@ def finish_core(
     for _, (box, tail) in sorted(tails_in, key=lambda t: t[0]):
         sl = (slice(None), slice(None), *_slices(box, c0))
         total[sl] += tail.to(total.device)
-    norm = spec.weight.norm(spec.plan, core_r, device=total.device, dtype=total.dtype)
-    return total.div_(norm)
+    return spec.weight.normalize_(total, spec.plan, core_r)
