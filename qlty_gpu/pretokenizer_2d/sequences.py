@@ -62,6 +62,16 @@ def _check_token_args(patch_size, stride, h: int, w: int) -> int:
     return stride
 
 
+def _tokens(p: torch.Tensor, plan: QuiltPlan) -> torch.Tensor:
+    """``unstitch`` of the token grid. On the CPU with the op's ``torch`` backend: tokens are
+    tiny windows (rows of ``ps`` elements), which that backend copies as one strided view
+    per edge block, about 2x faster than the numba kernel's per-row copies; and it starts no
+    numba/OpenMP parallel region, whose spinning worker threads measured 6 ms -> 25-85 ms
+    per 64-pair call on a loaded 2-core machine. Same values either way (a copy)."""
+    backend = "torch" if p.device.type == "cpu" else None
+    return unstitch(p, plan.window, plan.step, backend=backend)
+
+
 def _plan(h: int, w: int, patch_size: int, stride: int) -> QuiltPlan:
     """The token grid (cached, so its origins table is built once per geometry and device)."""
     return plan_for((h, w), (patch_size, patch_size), (stride, stride))
@@ -94,7 +104,7 @@ def tokenize_patch(
     c, h, w = patch.shape
     stride = _check_token_args(patch_size, stride, h, w)
     plan = _plan(h, w, patch_size, stride)
-    tokens = unstitch(patch[None], plan.window, plan.step)
+    tokens = _tokens(patch[None], plan)
     return tokens.reshape(plan.patches_per_image, c * patch_size * patch_size), plan.origins(
         patch.device
     ).clone()
@@ -248,8 +258,8 @@ def build_sequence_pair(
     plan = _plan(h, w, patch_size, stride)
     t = plan.patches_per_image
     d = c * patch_size * patch_size
-    tok1 = unstitch(p1, plan.window, plan.step).reshape(n, t, d)
-    tok2 = unstitch(p2, plan.window, plan.step).reshape(n, t, d)
+    tok1 = _tokens(p1, plan).reshape(n, t, d)
+    tok2 = _tokens(p2, plan).reshape(n, t, d)
     coords = plan.origins(dev).clone()  # the plan caches its table: hand out a copy
     mask1, idx12, mask2, idx21, frac = _match_tokens(coords, plan, dxt, dyt, kt, patch_size, h, w)
     pairs, counts = _pairs_padded(mask1, idx12)
