@@ -335,7 +335,9 @@ def infer_distributed(
         waiting = {r for r in (tuple(int(v) for v in k.split(".")) for k, m in markers.items()
                                if m == b"core") if r not in done}
         todo: deque = deque()
-        for rid in layout.region_ids():
+        # wavefront order (image block, then index sum): regions on one anti-diagonal never
+        # feed each other tails, so tasks running side by side rarely leave a core waiting
+        for rid in sorted(layout.region_ids(), key=lambda r: (r[0], sum(r[1:]), r)):
             if rid in done:
                 owes = any((t := layout.neighbour(rid, o)) is not None and t not in done
                            and layout.tail_box(rid, o) is not None for o in layout.offsets())
