@@ -28,6 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ._alloc import empty_cpu
 from .errors import QltyError, describe
 
 __all__ = [
@@ -172,7 +173,15 @@ def gather_windows(
         for ax in range(len(window) - 1):  # every row of the window: (M, C, w0[, w1])
             r = torch.arange(window[ax], device=start.device) * strides[2 + ax]
             off = off[..., None] + r
-        return rows.index_select(0, off.reshape(-1)).reshape(m, c, *window)
+        idx = off.reshape(-1)
+        if rows.device.type != "cpu":
+            return rows.index_select(0, idx).reshape(m, c, *window)
+        # large CPU outputs come from the huge-page pool (qlty_gpu._alloc): a training loop's
+        # next batch reuses the last one's pages instead of page-faulting fresh ones (~4x
+        # the copy itself for 16 x 64 pairs of 3 x 32 x 32)
+        out = empty_cpu((idx.numel(), wl), tensor.dtype)
+        torch.index_select(rows, 0, idx, out=out)
+        return out.reshape(m, c, *window)
     v = tensor
     for ax, w in enumerate(window):
         v = v.unfold(2 + ax, w, 1)  # (N, C, S0-w0+1, ..., w0, ...)
@@ -204,12 +213,25 @@ def gather_rotated(
     if (not tensor.is_contiguous() or (tensor.requires_grad and torch.is_grad_enabled())
             or tensor.numel() * len(kinds) > 4 * m * c * u * v):
         return rotate_patches(gather_windows(tensor, image, start, window), rot)
-    flip = tensor.flip(-2, -1) if (2 in kinds or 3 in kinds) else None
-    make = {0: lambda: tensor, 2: lambda: flip, 1: lambda: tensor.transpose(-2, -1),
-            3: lambda: flip.transpose(-2, -1)}
-    buf = torch.cat([make[k]().reshape(-1) for k in kinds])
-    rows = buf.as_strided((buf.numel() - v + 1, v), (1, 1))
     size = tensor.numel()
+    cpu = dev.type == "cpu"
+    # the buffers and the output: pooled huge pages on the CPU (see gather_windows)
+    buf = (empty_cpu((len(kinds) * size,), tensor.dtype) if cpu
+           else torch.empty(len(kinds) * size, dtype=tensor.dtype, device=dev))
+    slots = {k: buf[i * size:(i + 1) * size] for i, k in enumerate(kinds)}
+    flip = None
+    if 2 in kinds or 3 in kinds:
+        flip = tensor.flip(-2, -1)
+        if 2 in kinds:
+            slots[2].view(tensor.shape).copy_(flip)
+            flip = slots[2].view(tensor.shape)
+    if 0 in kinds:
+        slots[0].copy_(tensor.reshape(-1))
+    if 1 in kinds:
+        slots[1].view(n, c, xx, yy).copy_(tensor.transpose(-2, -1))
+    if 3 in kinds:
+        slots[3].view(n, c, xx, yy).copy_(flip.transpose(-2, -1))
+    rows = buf.as_strided((buf.numel() - v + 1, v), (1, 1))
     slot = torch.full((4,), 0, dtype=torch.int64)
     for i, k in enumerate(kinds):
         slot[k] = i * size
@@ -223,7 +245,12 @@ def gather_rotated(
     base = slot[k] + image * (c * yy * xx) + r0 * rstride + c0  # (M,)
     off = (base[:, None, None] + torch.arange(c, device=dev)[None, :, None] * (yy * xx)
            + (su * rstride)[:, None, None] * torch.arange(u, device=dev)[None, None, :])
-    return rows.index_select(0, off.reshape(-1)).reshape(m, c, u, v)
+    idx = off.reshape(-1)
+    if not cpu:
+        return rows.index_select(0, idx).reshape(m, c, u, v)
+    out = empty_cpu((idx.numel(), v), tensor.dtype)
+    torch.index_select(rows, 0, idx, out=out)
+    return out.reshape(m, c, u, v)
 
 
 @lru_cache(maxsize=64)

@@ -328,7 +328,8 @@ def test_numba_and_torch_paths_equal_qlty(nd, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("window,choices", [((6, 6), (0, 1, 2, 3)), ((6, 6), (1,)),
-                                            ((6, 6), (3, 2)), ((5, 7), (0, 2)), ((5, 7), (2,))])
+                                            ((6, 6), (3, 2)), ((6, 6), (3,)), ((5, 7), (0, 2)),
+                                            ((5, 7), (2,))])
 def test_rotated_row_gather_matches_oracle(window, choices):
     # many pairs on a small image: the flipped/transposed row buffers are used
     t = torch.randn(2, 2, 17, 19)
@@ -341,3 +342,26 @@ def test_rotated_row_gather_matches_oracle(window, choices):
                                            rotation_choices=choices)
     again = pp.extract_patches_from_metadata(t, meta, range(80))
     assert torch.equal(again[1], p2)
+
+
+@pytest.mark.parametrize("rots", [None, (0, 1, 2, 3)])
+def test_pooled_outputs_match_oracle_and_are_not_shared(rots):
+    """Outputs >= 8 MiB come from the huge-page pool (qlty_gpu._alloc): right values, and a
+    later call never hands out memory a live result still uses."""
+    from qlty_gpu import _alloc
+
+    t = torch.randn(16, 3, 128, 128)
+    kw = dict(random_seed=0, rotation_choices=rots, return_positions=True,
+              include_n_position=True)
+    first = pp.extract_patch_pairs(t, (32, 32), 64, (8.0, 16.0), **kw)
+    keep = [x.clone() for x in first[:2]]
+    assert first[0].numel() * 4 >= 8 << 20 and _alloc._enabled()
+    for _ in range(2):  # recycled buffers: the live result must stay intact
+        again = pp.extract_patch_pairs(t, (32, 32), 64, (8.0, 16.0), **kw)
+        assert torch.equal(again[0], keep[0]) and torch.equal(again[1], keep[1])
+        del again
+    assert torch.equal(first[0], keep[0]) and torch.equal(first[1], keep[1])
+    p1, p2, d, r, a, b = first
+    assert torch.equal(p1, _slice_oracle(t, a[:, 0], a[:, 1:], (32, 32)))
+    assert torch.equal(p2, _slice_oracle(t, b[:, 0], b[:, 1:], (32, 32),
+                                         None if rots is None else r))
