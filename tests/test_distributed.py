@@ -535,3 +535,41 @@ def test_distributed_resumes_an_interrupted_in_process_run(client, tmp_path):
     assert 0 < rep.regions_run < rep.regions and rep.patches_rerun > 0
     ref = qlty_gpu.infer(model, src, 8, 5, out=str(tmp_path / "a.zarr"), **kw)
     assert np.array_equal(rep.array[:], ref[:])
+
+
+def test_probe_is_cached_per_worker(tmp_path, monkeypatch):
+    """The probe's model call runs once per worker for the same model, settings and
+    geometry; another window probes again."""
+    from fractions import Fraction
+
+    import zarr
+
+    from qlty_gpu.infer import make_plan
+    from qlty_gpu.stream import dask_worker as dw
+    from qlty_gpu.stream import executor
+    from qlty_gpu.stream.dask_executor import _runner_settings
+    from qlty_gpu.stream.dask_prep import model_payload, source_ref
+    from qlty_gpu.stream.regions import RegionLayout
+
+    calls = []
+    real = executor.probe
+
+    def counting(runner, *a):
+        calls.append(runner.plan.window)
+        return real(runner, *a)
+
+    monkeypatch.setattr(executor, "probe", counting)
+    src = zarr.create_array(store=str(tmp_path / "in.zarr"), shape=(1, 1, 16, 16),
+                            chunks=(1, 1, 8, 8), dtype="f4")
+    src[:] = 1.0
+    ref, _, _ = source_ref(src)
+    payload = model_payload(torch.nn.Conv2d(1, 3, 3, padding=1))
+    monkeypatch.setattr(dw, "_PROBES", type(dw._PROBES)())
+    for window, n_calls in (((8, 8), 1), ((8, 8), 1), ((4, 4), 2)):
+        plan = make_plan((16, 16), window, None)
+        ctx = dw.TaskContext(RegionLayout(plan, 1, plan.shape, (Fraction(1),) * 2),
+                             _runner_settings({"batch_size": 2}), "cpu", ref, None, None, 0,
+                             None, None, None)
+        out = dw.probe_task(ctx, payload)
+        assert len(calls) == n_calls
+        assert out["specs"][0].channels == 3 and out["model"]

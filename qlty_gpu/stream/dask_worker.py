@@ -8,6 +8,8 @@ output spec, where to read, write and keep tails). Tasks receive both and a regi
 
 * **Model once per worker**: :func:`load_model` keeps the loaded model in a per-process
   cache keyed by ``(payload hash, device)``; every later task of that worker reuses it.
+  The probe (one model call on zero windows that fixes the output's shape and dtype) is
+  cached the same way, per model, device, settings, geometry and input channels / dtype.
 * **Scratch store** (:class:`Scratch`): halo tails and deferred cores as raw little-endian
   bytes under keys of a Zarr store (``tail/<src>/<offset>``, ``core/<rid>``), plus one
   marker per region (``ran/<rid>``: its outgoing tails are all there; value ``core`` when
@@ -49,6 +51,7 @@ __all__ = [
 _LOCK = threading.Lock()
 _MODELS: OrderedDict = OrderedDict()  # (payload key, device) -> model
 _SOURCES: OrderedDict = OrderedDict()  # source key -> ArraySource
+_PROBES: OrderedDict = OrderedDict()  # probe key -> (specs, structure, model fingerprint)
 _KEEP = 2  # models / sources kept per worker process
 LOADS = {"models": 0}  # per-process count of model loads (reported per worker)
 
@@ -535,10 +538,25 @@ def probe_task(ctx: TaskContext, payload: ModelPayload) -> dict:
     runner, _ = ctx.make_runner(payload)
     nd = len(source.shape) - 2
     in_dtype = source.read((slice(0, 1), slice(0, 1), *[slice(0, 1)] * nd)).dtype
-    runner.specs = None
-    probe(runner, source.shape[1], in_dtype)
-    return {"specs": runner.specs, "structure": runner.structure, "in_dtype": in_dtype,
-            "worker": _where(), **run_settings(runner, model_fingerprint(runner.model))}
+    plan = ctx.layout.plan
+    # one model call per worker per (model, device, settings, geometry, input): a
+    # long-lived cluster running many volumes does not pay it on every call
+    key = (payload.key, str(runner.device), repr(sorted(ctx.settings.items(), key=str)),
+           tuple(plan.shape), tuple(plan.window), tuple(plan.step), int(source.shape[1]),
+           str(in_dtype))
+    with _LOCK:
+        hit = _PROBES.get(key)
+    if hit is None:
+        runner.specs = None
+        probe(runner, source.shape[1], in_dtype)
+        hit = (runner.specs, runner.structure, model_fingerprint(runner.model))
+        with _LOCK:
+            _PROBES[key] = hit
+            while len(_PROBES) > 16:
+                _PROBES.popitem(last=False)
+    specs, structure, fp = hit
+    return {"specs": specs, "structure": structure, "in_dtype": in_dtype,
+            "worker": _where(), **run_settings(runner, fp)}
 
 
 def payload_key(data: bytes) -> str:
