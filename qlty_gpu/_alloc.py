@@ -180,13 +180,13 @@ def cached_bytes() -> int:
     return _POOLED
 
 
-def _alloc(shape, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+def _alloc(shape, dtype: torch.dtype, min_bytes: int = _MIN_BYTES) -> tuple[torch.Tensor, bool]:
     """(tensor, True if its memory is known to be zero-filled)."""
     _check_env()
     shape = tuple(int(s) for s in shape)
     itemsize = torch.empty((), dtype=dtype).element_size()
     nbytes = math.prod(shape) * itemsize
-    if nbytes < _MIN_BYTES or not _enabled():
+    if nbytes < max(int(min_bytes), 1) or not _enabled():
         return torch.empty(shape, dtype=dtype), False
     size = -(-(nbytes + _HUGE) // _HUGE) * _HUGE  # size class: whole huge pages + alignment
     mm = _take(size)
@@ -204,9 +204,10 @@ def _alloc(shape, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
     return t, fresh
 
 
-def empty_cpu(shape, dtype: torch.dtype) -> torch.Tensor:
-    """Uninitialised CPU tensor; pooled huge-page memory when large (see module docstring)."""
-    return _alloc(shape, dtype)[0]
+def empty_cpu(shape, dtype: torch.dtype, min_bytes: int = _MIN_BYTES) -> torch.Tensor:
+    """Uninitialised CPU tensor; pooled huge-page memory from ``min_bytes`` on (default
+    8 MiB; see the module docstring)."""
+    return _alloc(shape, dtype, min_bytes)[0]
 
 
 def zeros_cpu(shape, dtype: torch.dtype) -> torch.Tensor:

@@ -405,8 +405,10 @@ class _OverlapNumba(torch.autograd.Function):
         m, c = p1.shape[:2]
         win = tuple(p1.shape[2:])
         d, rot, offsets, total, w3 = _lifted(disp, rotations, m, win)
-        o1 = torch.empty((total, c), dtype=p1.dtype)
-        o2 = torch.empty((total, c), dtype=p2.dtype)
+        # pooled pages from 1 MiB on (qlty_gpu._alloc): 1024 pairs of 3 x 32 x 32 give two
+        # 7 MB outputs, whose fresh pages cost as much as the copy
+        o1 = empty_cpu((total, c), p1.dtype, min_bytes=1 << 20)
+        o2 = empty_cpu((total, c), p2.dtype, min_bytes=1 << 20)
         _overlap_pixels_numba(
             p1.detach().contiguous().reshape(m, c, *w3).numpy(),
             p2.detach().contiguous().reshape(m, c, *w3).numpy(),

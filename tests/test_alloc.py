@@ -31,6 +31,17 @@ def test_small_outputs_are_plain_torch_tensors():
     assert _alloc.cached_bytes() == 0
 
 
+def test_min_bytes_lowers_the_threshold():
+    t = _alloc.empty_cpu((1 << 19,), torch.float32)  # 2 MiB: plain below the default
+    del t
+    assert _alloc.cached_bytes() == 0
+    t = _alloc.empty_cpu((1 << 19,), torch.float32, min_bytes=1 << 20)
+    assert t.shape == (1 << 19,) and t.dtype == torch.float32
+    t.fill_(1.0)
+    del t
+    assert _alloc.cached_bytes() > 0  # pooled
+
+
 def test_buffer_returns_to_pool_only_when_every_view_is_gone():
     a = _alloc.zeros_cpu(BIG, torch.float32)
     view = a[1000:2000]
