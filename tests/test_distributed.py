@@ -247,6 +247,29 @@ def test_no_output_chunk_written_by_two_tasks_sharded(client, tmp_path):
     assert np.array_equal(rep.array[:], ref[:])
 
 
+def test_in_process_sharded_output_writes_each_shard_once(tmp_path):
+    """The in-process executor also makes regions of whole shards (it used chunks: each
+    shard was rewritten once per chunk), and gives the Dask executor's bits."""
+    x = torch.randn(2, 2, 26, 30)
+    src = _to_zarr(tmp_path / "in.zarr", x, (1, 2, 13, 15))
+    conv = _conv(2, 3)
+    log = str(tmp_path / "writes.jsonl")
+    store = WriteLog(zarr.storage.LocalStore(str(tmp_path / "o.zarr")), log)
+    out = zarr.create_array(store=store, shape=(2, 3, 26, 30), chunks=(1, 3, 4, 5),
+                            shards=(1, 3, 8, 10), dtype="f4", compressors=None)
+    open(log, "w").close()
+    got = qlty_gpu.infer(conv, src, 6, 4, out=out, region_chunks=(1, 1))
+    writes: dict = {}
+    for line in open(log):
+        key = json.loads(line)[0]
+        if key.startswith("c/"):
+            writes[key] = writes.get(key, 0) + 1
+    assert len(writes) == 2 * 4 * 3 and set(writes.values()) == {1}, writes
+    ref = qlty_gpu.infer(conv, src, 6, 4, out=str(tmp_path / "a.zarr"), chunks=(8, 10),
+                         region_chunks=1)
+    assert np.array_equal(got[:], ref[:])
+
+
 def test_bounded_graph_and_model_loaded_once_per_worker(client, tmp_path):
     x = torch.randn(1, 2, 40, 33)
     src = _to_zarr(tmp_path / "in.zarr", x, (1, 2, 16, 16))

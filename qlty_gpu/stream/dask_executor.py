@@ -216,6 +216,7 @@ def infer_distributed(
         _fingerprint,
         _np_dtype,
         _open_sink,
+        _out_unit,
         _region_chunks,
         _region_in,
         _sink_args,
@@ -271,14 +272,7 @@ def infer_distributed(
         if is_path:
             cs, n_chunk = _spatial_chunks(chunks, nd, spec.plan), 1
         else:
-            if tuple(out.shape) != full_shape:
-                raise QltyError(f"out has shape {tuple(out.shape)}, but this model and input give "
-                                f"{full_shape} (N, K, *spatial)")
-            unit = tuple(out.shards or out.chunks)  # whole shards when sharded (zarr #3682)
-            cs, n_chunk = tuple(int(c) for c in unit[2:]), int(unit[0])
-            if int(unit[1]) != k_out or int(out.chunks[1]) != k_out:
-                raise QltyError(f"out must have one chunk along channels ({k_out}), got "
-                                f"{out.chunks}")
+            cs, n_chunk = _out_unit(out, full_shape)  # whole shards when sharded
         in_item = torch.empty(0, dtype=pr["in_dtype"]).element_size()
         acc_item = torch.empty(0, dtype=spec.acc_dtype).element_size()
         base = tuple(max(1, -(-w // c)) for w, c in zip(spec.plan.window, cs))

@@ -92,6 +92,21 @@ def probe(runner: PatchRunner, channels: int, dtype: torch.dtype) -> None:
     runner.specs = runner.make_specs(items, b)
 
 
+def _out_unit(out: Any, full_shape: tuple) -> tuple[tuple[int, ...], int]:
+    """(spatial extent, images) of the unit a region owns in a given output array: its
+    chunks, or its shards when it is sharded (so a shard is written once, by one region,
+    never read-modified-written per chunk or by two tasks: zarr #3682); checks the shape and
+    one chunk along channels."""
+    if tuple(out.shape) != tuple(full_shape):
+        raise QltyError(f"out has shape {tuple(out.shape)}, but this model and input give "
+                        f"{tuple(full_shape)} (N, K, *spatial)")
+    k_out = int(full_shape[1])
+    unit = tuple(getattr(out, "shards", None) or out.chunks)
+    if int(unit[1]) != k_out or int(out.chunks[1]) != k_out:
+        raise QltyError(f"out must have one chunk along channels ({k_out}), got {out.chunks}")
+    return tuple(int(c) for c in unit[2:]), int(unit[0])
+
+
 def _np_dtype(dtype: torch.dtype) -> np.dtype:
     try:
         return torch.empty(0, dtype=dtype).numpy().dtype
@@ -299,15 +314,7 @@ def infer_to_store(
         cs = _spatial_chunks(chunks, nd, spec.plan)
         n_chunk = 1
     else:
-        if tuple(out.shape) != full_shape:
-            raise QltyError(
-                f"out has shape {tuple(out.shape)}, but this model and input give {full_shape} "
-                f"(N, K, *spatial)"
-            )
-        cs = tuple(int(c) for c in out.chunks[2:])
-        n_chunk = int(out.chunks[0])
-        if int(out.chunks[1]) != k_out:
-            raise QltyError(f"out must have one chunk along channels ({k_out}), got {out.chunks}")
+        cs, n_chunk = _out_unit(out, full_shape)
     base = tuple(max(1, -(-w // c)) for w, c in zip(spec.plan.window, cs))
     region_chunks = _region_chunks(region_chunks, nd, base)
     layout = RegionLayout(plan, n_img, _region_in(region_chunks, cs, spec.scale), spec.scale,
