@@ -222,15 +222,21 @@ def test_each_patch_runs_once_across_workers(client, tmp_path):
     np.testing.assert_allclose(rep.array[:], 2 * x.numpy(), rtol=1e-6)
 
 
-def test_no_output_chunk_written_by_two_tasks_sharded(client, tmp_path):
+def _sharded_case(tmp_path):
+    """A Zarr source, a conv, and a sharded output (shards of 2x2 chunks) whose store logs
+    every key set (to ``log``, emptied) with the writing process."""
     x = torch.randn(2, 2, 26, 30)
     src = _to_zarr(tmp_path / "in.zarr", x, (1, 2, 13, 15))
-    conv = _conv(2, 3)
     log = str(tmp_path / "writes.jsonl")
     store = WriteLog(zarr.storage.LocalStore(str(tmp_path / "o.zarr")), log)
     out = zarr.create_array(store=store, shape=(2, 3, 26, 30), chunks=(1, 3, 4, 5),
                             shards=(1, 3, 8, 10), dtype="f4", compressors=None)
     open(log, "w").close()
+    return src, _conv(2, 3), log, out
+
+
+def test_no_output_chunk_written_by_two_tasks_sharded(client, tmp_path):
+    src, conv, log, out = _sharded_case(tmp_path)
     rep = infer_distributed(conv, src, 6, 4, client=client, out=out,
                             scratch=str(tmp_path / "scr"), region_chunks=(1, 1))
     assert rep.region_chunks == (1, 1) and rep.regions == 2 * 4 * 3  # regions = shards
@@ -250,14 +256,7 @@ def test_no_output_chunk_written_by_two_tasks_sharded(client, tmp_path):
 def test_in_process_sharded_output_writes_each_shard_once(tmp_path):
     """The in-process executor also makes regions of whole shards (it used chunks: each
     shard was rewritten once per chunk), and gives the Dask executor's bits."""
-    x = torch.randn(2, 2, 26, 30)
-    src = _to_zarr(tmp_path / "in.zarr", x, (1, 2, 13, 15))
-    conv = _conv(2, 3)
-    log = str(tmp_path / "writes.jsonl")
-    store = WriteLog(zarr.storage.LocalStore(str(tmp_path / "o.zarr")), log)
-    out = zarr.create_array(store=store, shape=(2, 3, 26, 30), chunks=(1, 3, 4, 5),
-                            shards=(1, 3, 8, 10), dtype="f4", compressors=None)
-    open(log, "w").close()
+    src, conv, log, out = _sharded_case(tmp_path)
     got = qlty_gpu.infer(conv, src, 6, 4, out=out, region_chunks=(1, 1))
     writes: dict = {}
     for line in open(log):
