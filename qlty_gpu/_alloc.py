@@ -30,6 +30,7 @@ import mmap
 import os
 import threading
 import weakref
+from typing import Optional
 
 import numpy as np
 import torch
@@ -180,13 +181,16 @@ def cached_bytes() -> int:
     return _POOLED
 
 
-def _alloc(shape, dtype: torch.dtype, min_bytes: int = _MIN_BYTES) -> tuple[torch.Tensor, bool]:
-    """(tensor, True if its memory is known to be zero-filled)."""
+def _alloc(shape, dtype: torch.dtype, min_bytes: Optional[int] = None
+           ) -> tuple[torch.Tensor, bool]:
+    """(tensor, True if its memory is known to be zero-filled); pooled from ``min_bytes``
+    on (None: ``_MIN_BYTES``, read at each call)."""
     _check_env()
     shape = tuple(int(s) for s in shape)
     itemsize = torch.empty((), dtype=dtype).element_size()
     nbytes = math.prod(shape) * itemsize
-    if nbytes < max(int(min_bytes), 1) or not _enabled():
+    floor = _MIN_BYTES if min_bytes is None else int(min_bytes)
+    if nbytes < max(floor, 1) or not _enabled():
         return torch.empty(shape, dtype=dtype), False
     size = -(-(nbytes + _HUGE) // _HUGE) * _HUGE  # size class: whole huge pages + alignment
     mm = _take(size)
@@ -204,7 +208,7 @@ def _alloc(shape, dtype: torch.dtype, min_bytes: int = _MIN_BYTES) -> tuple[torc
     return t, fresh
 
 
-def empty_cpu(shape, dtype: torch.dtype, min_bytes: int = _MIN_BYTES) -> torch.Tensor:
+def empty_cpu(shape, dtype: torch.dtype, min_bytes: Optional[int] = None) -> torch.Tensor:
     """Uninitialised CPU tensor; pooled huge-page memory from ``min_bytes`` on (default
     8 MiB; see the module docstring)."""
     return _alloc(shape, dtype, min_bytes)[0]
