@@ -26,7 +26,6 @@ Usage: ``python benchmarks/bench_infer.py [--device cpu] [--reps 3] [--quick]``
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
 import shutil
@@ -78,16 +77,7 @@ def _window_copy(x, window, step):
 def append_rows(rows: list[dict], device: str) -> Path:
     """Our rows go to ``results/infer-<device>.csv`` (the shared CSV stays the op benches')."""
     path = harness.csv_path(device)
-    path = path.with_name("infer-" + path.name)
-    new = not path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=harness.COLUMNS)
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in harness.COLUMNS})
-    return path
+    return harness.append_rows(rows, path=path.with_name("infer-" + path.name))
 
 
 def make_fn(case: str, provider: str, model_kind: str, weight: str, device: str, tmp: Path):

@@ -32,7 +32,6 @@ Run: ``python benchmarks/bench_large.py [--qlty-patches 200] [--cases 2d,3d,scal
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -193,7 +192,7 @@ def main() -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return
-    from harness import device_name, markdown_table, run_isolated
+    from harness import append_rows, device_name, markdown_table, run_isolated
 
     wanted = args.cases.split(",")
     jobs = []
@@ -220,13 +219,8 @@ def main() -> None:
     out = HERE / "results" / "large-cpu.csv"
     cols = ["timestamp", "device", "case", "provider", "patches", "seconds", "loop_s", "result_s",
             "ms_per_patch", "peak_rss_mb", "disk_mb", "vs_qlty", "vs_monai", "notes"]
-    new = not out.exists()
-    with out.open("a", newline="") as fh:
-        wr = csv.DictWriter(fh, fieldnames=cols)
-        if new:
-            wr.writeheader()
-        for r in rows:
-            wr.writerow({"timestamp": stamp, "device": device_name(), **{c: r.get(c, "") for c in cols[2:]}})
+    append_rows([{**r, "timestamp": stamp, "device": device_name()} for r in rows], path=out,
+                columns=cols)
     print(markdown_table(rows, ["case", "provider", "patches", "seconds", "ms_per_patch",
                                 "peak_rss_mb", "disk_mb", "vs_qlty", "vs_monai", "notes"]))
 

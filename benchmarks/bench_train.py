@@ -100,18 +100,7 @@ def child(case: str, provider: str, reps: int, threads: int) -> None:
 
 def _append(rows: list[dict]) -> Path:
     """Rows go to ``results/cpu_train.csv`` (harness columns), apart from the round trips."""
-    import csv
-
-    path = harness.RESULTS / "cpu_train.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=harness.COLUMNS)
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in harness.COLUMNS})
-    return path
+    return harness.append_rows(rows, path=harness.RESULTS / "cpu_train.csv")
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -85,17 +86,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def append_rows(rows: list[dict], device: str = "cpu") -> Path:
-    """Append result rows to the per-device CSV (header written once)."""
-    path = csv_path(device)
+def append_rows(rows: list[dict], device: str = "cpu", path: Optional[Path] = None,
+                columns: Optional[list[str]] = None) -> Path:
+    """Append result rows to ``path`` (default: the per-device CSV) with ``columns``
+    (default: ``COLUMNS``; missing values empty); the header is written once."""
+    path = csv_path(device) if path is None else Path(path)
+    columns = COLUMNS if columns is None else columns
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with path.open("a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w = csv.DictWriter(fh, fieldnames=columns)
         if new:
             w.writeheader()
         for r in rows:
-            w.writerow({k: r.get(k, "") for k in COLUMNS})
+            w.writerow({k: r.get(k, "") for k in columns})
     return path
 
 

@@ -151,6 +151,17 @@ def draw_pairs(
     return image, start, disp, rot
 
 
+def _select_rows(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``rows[idx.reshape(-1)]`` as ``(K, w)``. Large CPU outputs come from the huge-page pool
+    (qlty_gpu._alloc): a training loop's next batch reuses the last one's pages instead of
+    page-faulting fresh ones (~4x the copy itself for 16 x 64 pairs of 3 x 32 x 32)."""
+    idx = idx.reshape(-1)
+    if rows.device.type != "cpu":
+        return rows.index_select(0, idx)
+    out = empty_cpu((idx.numel(), rows.shape[1]), rows.dtype)
+    return torch.index_select(rows, 0, idx, out=out)
+
+
 def gather_windows(
     tensor: torch.Tensor, image: torch.Tensor, start: torch.Tensor, window: tuple[int, ...]
 ) -> torch.Tensor:
@@ -173,15 +184,7 @@ def gather_windows(
         for ax in range(len(window) - 1):  # every row of the window: (M, C, w0[, w1])
             r = torch.arange(window[ax], device=start.device) * strides[2 + ax]
             off = off[..., None] + r
-        idx = off.reshape(-1)
-        if rows.device.type != "cpu":
-            return rows.index_select(0, idx).reshape(m, c, *window)
-        # large CPU outputs come from the huge-page pool (qlty_gpu._alloc): a training loop's
-        # next batch reuses the last one's pages instead of page-faulting fresh ones (~4x
-        # the copy itself for 16 x 64 pairs of 3 x 32 x 32)
-        out = empty_cpu((idx.numel(), wl), tensor.dtype)
-        torch.index_select(rows, 0, idx, out=out)
-        return out.reshape(m, c, *window)
+        return _select_rows(rows, off).reshape(m, c, *window)
     v = tensor
     for ax, w in enumerate(window):
         v = v.unfold(2 + ax, w, 1)  # (N, C, S0-w0+1, ..., w0, ...)
@@ -214,9 +217,8 @@ def gather_rotated(
             or tensor.numel() * len(kinds) > 4 * m * c * u * v):
         return rotate_patches(gather_windows(tensor, image, start, window), rot)
     size = tensor.numel()
-    cpu = dev.type == "cpu"
-    # the buffers and the output: pooled huge pages on the CPU (see gather_windows)
-    buf = (empty_cpu((len(kinds) * size,), tensor.dtype) if cpu
+    # the row buffers and the output: pooled huge pages on the CPU (see _select_rows)
+    buf = (empty_cpu((len(kinds) * size,), tensor.dtype) if dev.type == "cpu"
            else torch.empty(len(kinds) * size, dtype=tensor.dtype, device=dev))
     slots = {k: buf[i * size:(i + 1) * size] for i, k in enumerate(kinds)}
     flip = None
@@ -245,12 +247,7 @@ def gather_rotated(
     base = slot[k] + image * (c * yy * xx) + r0 * rstride + c0  # (M,)
     off = (base[:, None, None] + torch.arange(c, device=dev)[None, :, None] * (yy * xx)
            + (su * rstride)[:, None, None] * torch.arange(u, device=dev)[None, None, :])
-    idx = off.reshape(-1)
-    if not cpu:
-        return rows.index_select(0, idx).reshape(m, c, u, v)
-    out = empty_cpu((idx.numel(), v), tensor.dtype)
-    torch.index_select(rows, 0, idx, out=out)
-    return out.reshape(m, c, u, v)
+    return _select_rows(rows, off).reshape(m, c, u, v)
 
 
 @lru_cache(maxsize=64)

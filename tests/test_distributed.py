@@ -284,15 +284,22 @@ def test_bounded_graph_and_model_loaded_once_per_worker(client, tmp_path):
     assert np.array_equal(rep.array[:], ref[:])
 
 
-@pytest.mark.slow
-def test_torch_export_pt2_model(client, tmp_path):
-    x = torch.randn(1, 2, 21, 19)
-    src = _to_zarr(tmp_path / "in.zarr", x, (1, 2, 8, 8))
+def _exported_conv(tmp_path):
+    """A conv (2 -> 3 channels) and its ``torch.export`` program saved as ``m.pt2``
+    (dynamic batch size)."""
     conv = _conv(2, 3)
     ep = torch.export.export(conv, (torch.zeros(4, 2, 6, 6),),
                              dynamic_shapes=({0: torch.export.Dim("b", min=1, max=64)},))
     path = str(tmp_path / "m.pt2")
     torch.export.save(ep, path)
+    return conv, path
+
+
+@pytest.mark.slow
+def test_torch_export_pt2_model(client, tmp_path):
+    x = torch.randn(1, 2, 21, 19)
+    src = _to_zarr(tmp_path / "in.zarr", x, (1, 2, 8, 8))
+    conv, path = _exported_conv(tmp_path)
     rep = infer_distributed(path, src, 6, 4, client=client, out=str(tmp_path / "o.zarr"),
                             chunks=(4, 4), batch_size=4)
     mem = qlty_gpu.infer(conv, x, 6, 4)
@@ -417,11 +424,7 @@ def test_cli_scheduler(client, tmp_path, capsys):
 
     x = torch.randn(1, 2, 23, 21)
     src = _to_zarr(tmp_path / "in.zarr", x, (1, 2, 8, 8))
-    conv = _conv(2, 3)
-    ep = torch.export.export(conv, (torch.zeros(4, 2, 6, 6),),
-                             dynamic_shapes=({0: torch.export.Dim("b", min=1, max=64)},))
-    path = str(tmp_path / "m.pt2")
-    torch.export.save(ep, path)
+    conv, path = _exported_conv(tmp_path)
     args = [path, src, "--window", "6", "--step", "4", "--chunks", "4,4", "--weight", "hann", "-q"]
     assert main(["infer", *args[:2], str(tmp_path / "a.zarr"), *args[2:], "--device",
                  "cpu"]) == 0
